@@ -1,0 +1,41 @@
+"""Suite-wide pytest settings: hypothesis profiles and markers."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Deadlines are off everywhere: under xdist two workers share two cores and an
+# MLX kernel's first call compiles, so wall time per example is not a signal.
+settings.register_profile(
+    "default",
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "distributed: runs real mx.distributed ranks in separate processes"
+    )
+    config.addinivalue_line(
+        "markers", "hardware: needs a real multi-host pair or multi-GPU host (a hostfile)"
+    )

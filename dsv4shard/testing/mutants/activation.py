@@ -1,0 +1,119 @@
+"""Known-bad clipped SwiGLUs, in MLX (for the block) and NumPy (for the
+reference's own edge properties).  Each stands for a bug seen in ports."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+import reference as ref
+from dsv4shard.weights import build_block
+
+# --- MLX activations, called as activation(up, gate) ------------------------
+
+
+class ClipAfterSilu(nn.Module):
+    """Clips silu(gate) instead of gate: the clip applied after the
+    nonlinearity (both clips must come before silu)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, up, gate):
+        h = nn.silu(gate.astype(mx.float32))
+        up = up.astype(mx.float32)
+        if self.limit > 0:
+            h = mx.minimum(h, self.limit)
+            up = mx.clip(up, -self.limit, self.limit)
+        return (h * up).astype(gate.dtype)
+
+
+class TwoSidedGateClip(nn.Module):
+    """Clips gate to [-L, L] (copying up's clip), where DeepSeek clips gate
+    from above only: wrong for gate < -L."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, up, gate):
+        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+        if self.limit > 0:
+            gate = mx.clip(gate, -self.limit, self.limit)
+            up = mx.clip(up, -self.limit, self.limit)
+        return (nn.silu(gate) * up).astype(gate.dtype)
+
+
+class SwappedArguments(nn.Module):
+    """Reads its arguments as (gate, up) while SwitchGLU passes (up, gate)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, gate, up):
+        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+        if self.limit > 0:
+            gate = mx.minimum(gate, self.limit)
+            up = mx.clip(up, -self.limit, self.limit)
+        return (nn.silu(gate) * up).astype(gate.dtype)
+
+
+def _with_routed_activation(block, activation):
+    block.switch_mlp.activation = activation(block.config.swiglu_limit)
+    return block
+
+
+def build_clip_after_silu(config, weights, quant, dtype):
+    """Routed experts clip after silu."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype), ClipAfterSilu)
+
+
+def build_two_sided_gate_clip(config, weights, quant, dtype):
+    """Routed experts clip gate on both sides."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype),
+                                   TwoSidedGateClip)
+
+
+def build_swapped_arguments(config, weights, quant, dtype):
+    """Routed experts' activation reads (gate, up)."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype),
+                                   SwappedArguments)
+
+
+# --- NumPy twins of reference.clipped_swiglu ---------------------------------
+
+
+def clipped_swiglu_after_silu(gate, up, limit):
+    """The clip applied to silu(gate) rather than to gate."""
+    h = ref.silu(gate)
+    if limit > 0:
+        h, up = np.minimum(h, limit), np.clip(up, -limit, limit)
+    return h * up
+
+
+def clipped_swiglu_two_sided_gate(gate, up, limit):
+    """gate clipped to [-L, L] instead of from above only."""
+    if limit > 0:
+        gate, up = np.clip(gate, -limit, limit), np.clip(up, -limit, limit)
+    return ref.silu(gate) * up
+
+
+def clipped_swiglu_no_up_clip(gate, up, limit):
+    """Only gate is clipped; up passes unclipped."""
+    if limit > 0:
+        gate = np.minimum(gate, limit)
+    return ref.silu(gate) * up
+
+
+def clipped_swiglu_limit_always(gate, up, limit):
+    """limit <= 0 not honoured: clips to |limit| whatever its sign."""
+    limit = abs(limit)
+    return ref.silu(np.minimum(gate, limit)) * np.clip(up, -limit, limit)
+
+
+def clipped_swiglu_swapped(gate, up, limit):
+    """Arguments swapped: clips and gates the wrong projection."""
+    return ref.clipped_swiglu(up, gate, limit)

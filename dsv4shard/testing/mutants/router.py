@@ -1,0 +1,110 @@
+"""Known-bad routers, in MLX (for the block) and NumPy (for the reference's
+edge properties)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+import reference as ref
+from dsv4shard.block import Router
+from dsv4shard.weights import build_block
+
+
+class RouterBiasInWeights(Router):
+    """Weights taken from the biased scores: the bias leaks into the output."""
+
+    def __call__(self, x, input_ids=None):
+        indices, _ = super().__call__(x, input_ids)
+        biased = ref_scores_mlx(self, x) + self.bias
+        w = mx.take_along_axis(biased, indices, axis=-1)
+        if self.score_func != "softmax":
+            w = w / w.sum(axis=-1, keepdims=True)
+        return indices, w * self.route_scale
+
+
+class RouterNoRenormalisation(Router):
+    """Chosen scores used as they are, never renormalised to sum to 1."""
+
+    def __call__(self, x, input_ids=None):
+        indices, _ = super().__call__(x, input_ids)
+        w = mx.take_along_axis(ref_scores_mlx(self, x), indices, axis=-1)
+        return indices, w * self.route_scale
+
+
+def ref_scores_mlx(router, x):
+    from dsv4shard.block import score
+
+    return score(x.astype(mx.float32) @ router.weight.T, router.score_func)
+
+
+def _with_router(block, cls):
+    block.gate.__class__ = cls
+    return block
+
+
+def build_bias_in_weights(config, weights, quant, dtype):
+    """The router's weights include the bias."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterBiasInWeights)
+
+
+def build_no_renormalisation(config, weights, quant, dtype):
+    """The router never renormalises."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterNoRenormalisation)
+
+
+# --- NumPy twins of reference.route -------------------------------------------
+
+
+def route_bias_in_weights(x, weights, config, input_ids=None):
+    """Weights from scores + bias."""
+    indices, _ = ref.route(x, weights, config, input_ids)
+    biased = ref.scores(ref.router_logits(x, weights.gate), config.score_func) + weights.bias
+    return indices, ref.route_weights(biased, indices, config)
+
+
+def route_no_renormalisation(x, weights, config, input_ids=None):
+    """Chosen scores never renormalised."""
+    indices, _ = ref.route(x, weights, config, input_ids)
+    s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
+    return indices, np.take_along_axis(s, indices, axis=-1) * config.route_scale
+
+
+def route_naive_softplus(x, weights, config, input_ids=None):
+    """sqrt(log1p(exp(z))): overflows to inf at large logits."""
+    if config.score_func != "sqrtsoftplus":
+        return ref.route(x, weights, config, input_ids)
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = np.sqrt(np.log1p(np.exp(ref.router_logits(x, weights.gate))))
+    if config.hash_routing:
+        indices = ref.hash_experts(input_ids, weights.tid2eid)
+    else:
+        indices = ref.top_k_experts(s + weights.bias, config.top_k)
+    return indices, ref.route_weights(s, indices, config)
+
+
+def route_hash_ignored(x, weights, config, input_ids=None):
+    """A hash layer routed by score like any other: tid2eid never read."""
+    plain = ref.MoEConfig(**{**config.__dict__, "hash_routing": False})
+    return ref.route(x, weights, plain, None)
+
+
+def route_hash_with_bias(x, weights, config, input_ids=None):
+    """A hash layer that still lets the bias pick among the table's experts
+    and the rest."""
+    if not config.hash_routing:
+        return ref.route(x, weights, config, input_ids)
+    s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
+    boost = np.zeros_like(s)
+    np.put_along_axis(boost, ref.hash_experts(input_ids, weights.tid2eid), 1.0, axis=-1)
+    indices = ref.top_k_experts(boost + s + weights.bias, config.top_k)
+    return indices, ref.route_weights(s, indices, config)
+
+
+def route_weights_with_epsilon(token_scores, indices, config):
+    """An epsilon in the renormalisation: all-zero scores give 0, not NaN,
+    and tiny scores are renormalised to less than 1."""
+    w = np.take_along_axis(token_scores, indices, axis=-1)
+    if config.score_func != "softmax":
+        w = w / (w.sum(axis=-1, keepdims=True) + 1e-8)
+    return w * config.route_scale

@@ -1,0 +1,90 @@
+"""Properties of the unfused MLX block against the float64 reference.
+
+Each property takes a drawn case and ``build``, the function that makes the
+MLX block ``build(config, weights, quant, dtype)``; known-bad twins are other
+``build`` functions.  The reference always runs on the weights read back
+from the built block, so quantization error never enters the comparison.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from hypothesis import assume
+
+import reference as ref
+from dsv4shard.testing import data, tolerance
+from dsv4shard.testing.report import fail
+from dsv4shard.testing.strategies import SORT_THRESHOLD, MoECase
+from dsv4shard.weights import DTYPES, build_block, read_weights, to_numpy
+
+
+def inputs(case: MoECase):
+    """x as MLX sees it (rounded to the case's dtype) and as the reference
+    sees it (the same values in float64), plus token ids for hash layers."""
+    x = mx.array(data.make_tokens(case), dtype=mx.float32).astype(DTYPES[case.dtype])
+    ids = data.make_input_ids(case)
+    return x, to_numpy(x), None if ids is None else mx.array(ids, dtype=mx.int32), ids
+
+
+def built(case: MoECase, build):
+    block = build(case.config, data.make_weights(case), case.quant, case.dtype)
+    return block, read_weights(block)
+
+
+def assume_clear_choice(x_ref, weights, config):
+    """Near-tied router scores are a discontinuity: a float32 router may pick
+    either expert.  Such draws are discarded, never tolerated."""
+    if not config.hash_routing:
+        assume(np.all(tolerance.router_gap(x_ref, weights, config)
+                      > tolerance.router_margin(x_ref, weights, config)))
+
+
+def switch_glu_matches_reference(case: MoECase, build=build_block):
+    """mlx-lm's SwitchGLU with the clipped activation equals the reference's
+    per-expert outputs [T, k, D] on the dequantized weights, within the bound."""
+    block, weights = built(case, build)
+    x, x_ref, _, _ = inputs(case)
+    indices = data.make_indices(case)
+    got = to_numpy(block.switch_mlp(x, mx.array(indices, dtype=mx.int32)))
+    want = ref.switch_glu(x_ref, indices, weights.w1, weights.w3, weights.w2,
+                          case.config.swiglu_limit)
+    bound = tolerance.switch_glu_bound(x_ref, indices, weights, case.config.swiglu_limit,
+                                       case.dtype)
+    bad = tolerance.worst_mismatch(got, want, bound)
+    if bad:
+        fail(switch_glu_matches_reference, case, str(bad), build=build)
+
+
+def moe_matches_reference(case: MoECase, build=build_block):
+    """The whole MLX block (router, routed experts, shared expert, combine)
+    equals ``reference.moe`` within the bound, for [T, D] and [B, L, D] inputs."""
+    block, weights = built(case, build)
+    x, x_ref, ids, ids_ref = inputs(case)
+    assume_clear_choice(x_ref, weights, case.config)
+    shape = case.token_shape
+    got = block(x.reshape(*shape, -1), None if ids is None else ids.reshape(shape))
+    got = to_numpy(got).reshape(case.n_tokens, -1)
+    want = ref.moe(x_ref, weights, case.config, ids_ref)
+    bound = tolerance.moe_bound(x_ref, weights, case.config, case.dtype, ids_ref)
+    bad = tolerance.worst_mismatch(got, want, bound)
+    if bad:
+        fail(moe_matches_reference, case, str(bad), build=build)
+
+
+def sorted_matches_unsorted(case: MoECase, build=build_block):
+    """SwitchGLU on all tokens at once (sorted by expert once indices.size
+    reaches the threshold) equals SwitchGLU on chunks too small to sort."""
+    block, weights = built(case, build)
+    x, x_ref, _, _ = inputs(case)
+    indices = mx.array(data.make_indices(case), dtype=mx.int32)
+    whole = to_numpy(block.switch_mlp(x, indices))
+    chunk = max(1, (SORT_THRESHOLD - 1) // case.config.top_k)
+    parts = [to_numpy(block.switch_mlp(x[i:i + chunk], indices[i:i + chunk]))
+             for i in range(0, case.n_tokens, chunk)]
+    pieces = np.concatenate(parts)
+    bound = 2 * tolerance.switch_glu_bound(x_ref, np.array(indices), weights,
+                                           case.config.swiglu_limit, case.dtype)
+    bad = tolerance.worst_mismatch(whole, pieces, bound)
+    if bad:
+        fail(sorted_matches_unsorted, case, f"sorted vs unsorted: {bad}", build=build)

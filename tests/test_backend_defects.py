@@ -1,0 +1,25 @@
+"""What the running backend cannot compute, shown rather than assumed.
+
+Each case ``dsv4shard.backend.unsupported`` names is run here as a strict
+xfail: the day MLX fixes it, the test reports XPASS as a failure and the
+exclusion is dropped.
+"""
+
+import pytest
+from hypothesis import given, settings
+
+from dsv4shard import backend
+from dsv4shard.testing import strategies as s
+from dsv4shard.testing.properties import unfused
+from reference.quantization import QuantFormat
+
+MXFP8 = QuantFormat("mxfp8", 32, 8)
+
+
+@pytest.mark.skipif(backend.name() != "cpu", reason="a defect of MLX's CPU build")
+@pytest.mark.xfail(strict=True, reason=str(backend.unsupported(MXFP8, "float16")))
+@settings(max_examples=50)
+@given(case=s.moe_cases(formats=[MXFP8]).map(
+    lambda c: c.__class__(**{**c.__dict__, "dtype": "float16", "activation_scale": 30.0})))
+def test_cpu_mxfp8_float16_overflows(case):
+    unfused.switch_glu_matches_reference(case)
