@@ -76,7 +76,7 @@ class MoEBlock(nn.Module):
     ranks' partial outputs with one all_sum.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, linear_bias: bool = False):
         super().__init__()
         self.config = config
         self.gate = Router(config)
@@ -85,6 +85,7 @@ class MoEBlock(nn.Module):
             config.intermediate_size,
             config.n_experts,
             activation=ClippedSwiGLU(config.swiglu_limit),
+            bias=linear_bias,
         )
         self.shared_experts = SharedExpert(config)
         self.sharding_group = None

@@ -40,6 +40,9 @@ def load_weights(block: MoEBlock, weights: MoEWeights) -> None:
         block.switch_mlp[mlx_name(name)].weight = mx.array(
             getattr(weights, name), dtype=mx.float32
         )
+        bias = getattr(weights, name.replace("w", "b"))
+        if bias is not None:
+            block.switch_mlp[mlx_name(name)].bias = mx.array(bias, dtype=mx.float32)
         block.shared_experts[mlx_name(name)].weight = mx.array(
             getattr(weights, f"shared_{name}"), dtype=mx.float32
         )
@@ -78,7 +81,7 @@ def cast_experts(block: MoEBlock, dtype: str) -> None:
 def build_block(config: MoEConfig, weights: MoEWeights, quant: QuantFormat | None = None,
                 dtype: str = "float32") -> MoEBlock:
     """The unfused MLX block holding ``weights`` in format ``quant`` and ``dtype``."""
-    block = MoEBlock(config)
+    block = MoEBlock(config, linear_bias=weights.b1 is not None)
     load_weights(block, weights)
     if quant is not None:
         quantize_experts(block, quant)
@@ -118,12 +121,14 @@ def dense_weight(layer) -> np.ndarray:
 def read_weights(block: MoEBlock) -> MoEWeights:
     """The block's weights as the reference sees them (dequantized, float64)."""
     experts = {n: dense_weight(block.switch_mlp[mlx_name(n)]) for n in EXPERT_WEIGHTS}
+    biases = {n.replace("w", "b"): to_numpy(block.switch_mlp[mlx_name(n)].bias)
+              for n in EXPERT_WEIGHTS if "bias" in block.switch_mlp[mlx_name(n)]}
     shared = {f"shared_{n}": dense_weight(block.shared_experts[mlx_name(n)])
               for n in EXPERT_WEIGHTS}
     tid2eid = np.array(block.gate.tid2eid) if block.gate.hash_routing else None
     return MoEWeights(
         gate=to_numpy(block.gate.weight), bias=to_numpy(block.gate.bias),
-        tid2eid=tid2eid, **experts, **shared,
+        tid2eid=tid2eid, **experts, **shared, **biases,
     )
 
 

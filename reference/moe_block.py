@@ -29,6 +29,7 @@ __all__ = [
     "silu",
     "clipped_swiglu",
     "expert_mlp",
+    "routed_expert",
     "routed_experts",
     "switch_glu",
     "shared_expert_limit",
@@ -100,6 +101,16 @@ class MoEWeights:
     shared_w3: np.ndarray  # [I, D]
     shared_w2: np.ndarray  # [D, I]
     tid2eid: np.ndarray | None = None  # hash layers only, [vocab, k] int
+    # Linear biases of the routed experts: DeepSeek has none, but SwitchLinear
+    # can carry them, and sharding must not count b2 once per rank.
+    b1: np.ndarray | None = None  # [E, I]
+    b3: np.ndarray | None = None  # [E, I]
+    b2: np.ndarray | None = None  # [E, D]
+
+    def expert(self, e):
+        """Expert e's (w1, w3, w2, b1, b3, b2); absent biases are None."""
+        biases = [None if b is None else b[e] for b in (self.b1, self.b3, self.b2)]
+        return (self.w1[e], self.w3[e], self.w2[e], *biases)
 
 
 # --- router ---------------------------------------------------------------
@@ -184,28 +195,38 @@ def clipped_swiglu(gate, up, limit):
     return silu(gate) * up
 
 
-def expert_mlp(x, w1, w3, w2, limit):
+def expert_mlp(x, w1, w3, w2, limit, b1=None, b3=None, b2=None):
     """One clipped-SwiGLU expert on tokens x [T, D]."""
-    return clipped_swiglu(x @ w1.T, x @ w3.T, limit) @ w2.T
+    gate, up = x @ w1.T, x @ w3.T
+    if b1 is not None:
+        gate, up = gate + b1, up + b3
+    y = clipped_swiglu(gate, up, limit) @ w2.T
+    return y if b2 is None else y + b2
 
 
-def routed_experts(x, indices, route_w, w1, w3, w2, limit):
+def routed_expert(x, weights, e, limit):
+    """Routed expert e on tokens x."""
+    w1, w3, w2, b1, b3, b2 = weights.expert(e)
+    return expert_mlp(x, w1, w3, w2, limit, b1, b3, b2)
+
+
+def routed_experts(x, indices, route_w, weights, limit):
     """sum over the k chosen experts of weight * expert(x): a loop over the
     experts in use, each applied to all of its tokens at once."""
-    y = np.zeros((x.shape[0], w2.shape[1]))
+    y = np.zeros((x.shape[0], weights.w2.shape[1]))
     for e in np.unique(indices):
         token, slot = np.nonzero(indices == e)
-        out = expert_mlp(x[token], w1[e], w3[e], w2[e], limit)
+        out = routed_expert(x[token], weights, e, limit)
         np.add.at(y, token, route_w[token, slot, None] * out)
     return y
 
 
-def switch_glu(x, indices, w1, w3, w2, limit):
+def switch_glu(x, indices, weights, limit):
     """Every chosen expert's output, unweighted: [T, k, D] (mlx-lm's SwitchGLU)."""
-    y = np.zeros(indices.shape + (w2.shape[1],))
+    y = np.zeros(indices.shape + (weights.w2.shape[1],))
     for e in np.unique(indices):
         token, slot = np.nonzero(indices == e)
-        y[token, slot] = expert_mlp(x[token], w1[e], w3[e], w2[e], limit)
+        y[token, slot] = routed_expert(x[token], weights, e, limit)
     return y
 
 
@@ -226,7 +247,5 @@ def shared_expert(x, weights, config):
 def moe(x, weights, config, input_ids=None):
     """The whole block on tokens x [T, D]: routed experts plus shared expert."""
     indices, route_w = route(x, weights, config, input_ids)
-    routed = routed_experts(
-        x, indices, route_w, weights.w1, weights.w3, weights.w2, config.swiglu_limit
-    )
+    routed = routed_experts(x, indices, route_w, weights, config.swiglu_limit)
     return routed + shared_expert(x, weights, config)

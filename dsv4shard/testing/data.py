@@ -67,7 +67,17 @@ def make_weights(case: MoECase) -> MoEWeights:
         shared_w3=normal(i, d, fan_in=d, scale=s),
         shared_w2=normal(d, i, fan_in=i),
         tid2eid=tid2eid_table(case) if c.hash_routing else None,
+        **(linear_biases(case) if case.linear_bias else {}),
     )
+
+
+def linear_biases(case: MoECase) -> dict:
+    c = case.config
+    rng = rng_for(case, 3)
+    s = case.activation_scale
+    return {"b1": rng.normal(0, 0.5 * s, (c.n_experts, c.intermediate_size)),
+            "b3": rng.normal(0, 0.5 * s, (c.n_experts, c.intermediate_size)),
+            "b2": rng.normal(0, 1.0, (c.n_experts, c.hidden_size))}
 
 
 def make_tokens(case: MoECase) -> np.ndarray:

@@ -69,6 +69,7 @@ class MoECase:
     activation_scale: float  # gate/up magnitude; large values cross the clip
     seed: int
     batch_shape: tuple[int, ...] = field(default=())  # () means [T, D] inputs
+    linear_bias: bool = False  # routed experts carry SwitchLinear biases
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -117,9 +118,11 @@ def dtypes_for(quant: QuantFormat | None) -> st.SearchStrategy[str]:
 
 @st.composite
 def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False,
-              patterns=INDEX_PATTERNS, max_experts: int = 64, formats=None) -> MoECase:
+              patterns=INDEX_PATTERNS, max_experts: int = 64, formats=None,
+              linear_bias: bool = True) -> MoECase:
     """A whole MoE case.  ``quantized``: None draws dense or quantized;
-    ``formats`` restricts the quantization formats drawn."""
+    ``formats`` restricts the quantization formats drawn; ``linear_bias``
+    lets the routed experts carry linear biases (drawn)."""
     if quantized is None:
         quantized = formats is not None or draw(st.booleans(), label="quantized")
     formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
@@ -142,6 +145,7 @@ def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False
         activation_scale=draw(st.sampled_from([1.0, 30.0]), label="activation_scale"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
         batch_shape=batch_shape,
+        linear_bias=draw(st.booleans(), label="linear_bias") if linear_bias else False,
     )
 
 
@@ -159,3 +163,86 @@ def clip_cases(draw):
 def router_cases() -> st.SearchStrategy[MoECase]:
     """Dense cases for the reference's own router properties (no MLX)."""
     return moe_cases(quantized=False)
+
+
+# --- fusion ---
+
+
+@dataclass(frozen=True)
+class FusionCase:
+    """A case for the fused gate+up properties: the block's own case, whether
+    the switch projections carry a linear bias, and how many ranks shard the
+    block before it is fused (1: unsharded)."""
+
+    moe: MoECase
+    linear_bias: bool = False
+    ranks: int = 1
+
+
+FUSION_SIZES = (32, 64, 128)  # hidden and intermediate sizes: small, so fast
+FUSION_MAX_EXPERTS = 16
+
+
+def fusion_formats(quantized: bool | None, global_scale: bool | None):
+    """Formats to fuse: None is dense.  ``global_scale``: False leaves out
+    nvfp4 with a global scale, True draws only it, None draws either."""
+    quants = [f for f in QUANT_FORMATS
+              if global_scale is None or f.global_scale == global_scale]
+    if quantized is None and global_scale is not True:
+        return st.one_of(st.just(None), st.sampled_from(quants))
+    if quantized is False:
+        return st.just(None)
+    return st.sampled_from(quants)
+
+
+def runnable_dtype(quant: QuantFormat | None, dtype: str) -> str:
+    """``dtype``, or float32 where this backend cannot run ``quant`` in it (a
+    global scale it cannot run at all is left for the test to skip)."""
+    from dsv4shard import backend
+
+    if quant is not None and quant.global_scale:
+        return dtype
+    return dtype if backend.unsupported(quant, dtype) is None else "float32"
+
+
+@st.composite
+def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | None = False,
+                 linear_bias: bool | None = False, ranks=(1,)) -> FusionCase:
+    """A block to fuse, its tokens (both sides of the sort threshold; [T, D] or
+    [B, L, D]) and index pattern.  ``ranks``: rank counts to shard over
+    first; the intermediate size is then drawn divisible by ranks x group."""
+    quant = draw(fusion_formats(quantized, global_scale), label="quant")
+    n_ranks = draw(st.sampled_from(ranks), label="ranks")
+    config = draw(moe_configs(sizes=FUSION_SIZES, quant=quant,
+                              max_experts=FUSION_MAX_EXPERTS), label="config")
+    step = (quant.group_size if quant else 1) * n_ranks
+    inters = [s for s in FUSION_SIZES if s % step == 0] or [step]
+    inter = draw(st.sampled_from(inters), label="intermediate_size")
+    pattern = draw(st.sampled_from(INDEX_PATTERNS), label="pattern")
+    changes = {"intermediate_size": inter}
+    if pattern in HASH_PATTERNS:
+        changes.update(hash_routing=True, vocab_size=97)
+    config = MoEConfig(**{**config.__dict__, **changes})
+    side = draw(st.sampled_from(["below", "at", "above"]), label="sort_side")
+    n_tokens = draw(token_counts(config.top_k, side), label="n_tokens")
+    batch_shape = ()
+    if n_tokens % 2 == 0 and draw(st.booleans(), label="batched"):
+        batch_shape = (2, n_tokens // 2)
+    dtype = runnable_dtype(quant, draw(dtypes_for(quant), label="dtype"))
+    moe = MoECase(
+        config=config,
+        quant=quant,
+        dtype=dtype,
+        n_tokens=n_tokens,
+        pattern=pattern,
+        activation_scale=draw(st.sampled_from([1.0, 30.0]), label="activation_scale"),
+        seed=draw(st.integers(0, 2**32 - 1), label="seed"),
+        batch_shape=batch_shape,
+    )
+    bias = draw(st.booleans(), label="linear_bias") if linear_bias is None else linear_bias
+    return FusionCase(moe, bias, n_ranks)
+
+
+def sharded_fusion_cases(**kwargs) -> st.SearchStrategy[FusionCase]:
+    """Fusion cases sharded over 2 or 4 ranks first."""
+    return fusion_cases(ranks=(2, 4), **kwargs)

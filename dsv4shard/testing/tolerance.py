@@ -26,13 +26,15 @@ def dot_error(a_abs, b_abs_t, k, u):
     return C * u * np.sqrt(k) * (a_abs @ b_abs_t)
 
 
-def mlp_bound(x, w1, w3, w2, limit, u):
+def mlp_bound(x, w1, w3, w2, limit, u, b1=None, b3=None, b2=None):
     """(value, error bound) of one clipped-SwiGLU expert on tokens x, where
-    every matmul and the stored activation round in precision u, and the
-    activation itself runs in float32."""
+    every matmul, bias add and the stored activation round in precision u,
+    and the activation itself runs in float32."""
     d, i = w1.shape[1], w1.shape[0]
     ax = np.abs(x)
     gate, up = x @ w1.T, x @ w3.T
+    if b1 is not None:
+        gate, up = gate + b1, up + b3
     e_gate = dot_error(ax, np.abs(w1).T, d, u) + u * np.abs(gate)
     e_up = dot_error(ax, np.abs(w3).T, d, u) + u * np.abs(up)
     if limit > 0:  # clips are 1-Lipschitz: errors pass through, values shrink
@@ -40,7 +42,7 @@ def mlp_bound(x, w1, w3, w2, limit, u):
     h = ref.silu(gate) * up
     e_h = (SILU_SLOPE * e_gate * np.abs(up) + np.abs(ref.silu(gate)) * e_up
            + (u + 4 * F32) * np.abs(h))
-    y = h @ w2.T
+    y = h @ w2.T if b2 is None else h @ w2.T + b2
     e_y = dot_error(np.abs(h), np.abs(w2).T, i, u) + e_h @ np.abs(w2).T + u * np.abs(y)
     return y, e_y
 
@@ -102,13 +104,19 @@ def router_gap(x, weights, config):
     return top[:, k - 1] - top[:, k]
 
 
+def expert_args(weights, e, limit, u):
+    """mlp_bound's arguments after x for routed expert e."""
+    w1, w3, w2, b1, b3, b2 = weights.expert(e)
+    return w1, w3, w2, limit, u, b1, b3, b2
+
+
 def switch_glu_bound(x, indices, weights, limit, dtype):
     """Error bound of mlx-lm's SwitchGLU output [T, k, D] in ``dtype``."""
     u = UNIT_ROUNDOFF[dtype]
     bound = np.zeros(indices.shape + (weights.w2.shape[1],))
     for e in np.unique(indices):
         token, slot = np.nonzero(indices == e)
-        _, err = mlp_bound(x[token], weights.w1[e], weights.w3[e], weights.w2[e], limit, u)
+        _, err = mlp_bound(x[token], *expert_args(weights, e, limit, u))
         bound[token, slot] = err
     return bound
 
@@ -125,8 +133,7 @@ def moe_bound(x, weights, config, dtype, input_ids=None):
     bound = np.zeros(x.shape)
     for e in np.unique(indices):
         token, slot = np.nonzero(indices == e)
-        y, e_y = mlp_bound(x[token], weights.w1[e], weights.w3[e], weights.w2[e],
-                           config.swiglu_limit, u)
+        y, e_y = mlp_bound(x[token], *expert_args(weights, e, config.swiglu_limit, u))
         w, e_w = route_w[token, slot, None], e_route_w[token, slot, None]
         np.add.at(bound, token, np.abs(w) * e_y + e_w * np.abs(y)
                   + C * F32 * np.sqrt(k) * np.abs(w * y))

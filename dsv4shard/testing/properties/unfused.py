@@ -47,8 +47,7 @@ def switch_glu_matches_reference(case: MoECase, build=build_block):
     x, x_ref, _, _ = inputs(case)
     indices = data.make_indices(case)
     got = to_numpy(block.switch_mlp(x, mx.array(indices, dtype=mx.int32)))
-    want = ref.switch_glu(x_ref, indices, weights.w1, weights.w3, weights.w2,
-                          case.config.swiglu_limit)
+    want = ref.switch_glu(x_ref, indices, weights, case.config.swiglu_limit)
     bound = tolerance.switch_glu_bound(x_ref, indices, weights, case.config.swiglu_limit,
                                        case.dtype)
     bad = tolerance.worst_mismatch(got, want, bound)
