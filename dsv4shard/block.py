@@ -73,7 +73,9 @@ class MoEBlock(nn.Module):
     """DeepSeek-V4's MoE block; call it as ``block(x)`` or ``block(x, input_ids)``.
 
     ``sharding_group`` set (by ``dsv4shard.shard``) makes the block add the
-    ranks' partial outputs with one all_sum.
+    ranks' partial outputs with one all_sum: in float32, or, with
+    ``reduce_in_activation_dtype``, in x's dtype (half the bytes on the wire,
+    each rank's partial rounded first).
     """
 
     def __init__(self, config: MoEConfig, linear_bias: bool = False):
@@ -89,6 +91,7 @@ class MoEBlock(nn.Module):
         )
         self.shared_experts = SharedExpert(config)
         self.sharding_group = None
+        self.reduce_in_activation_dtype = False
 
     def partial(self, x: mx.array, input_ids: mx.array | None = None) -> mx.array:
         """This rank's float32 output [T, D] before the cross-rank sum."""
@@ -101,5 +104,7 @@ class MoEBlock(nn.Module):
     def __call__(self, x: mx.array, input_ids: mx.array | None = None) -> mx.array:
         out = self.partial(x, input_ids)
         if self.sharding_group is not None:
+            if self.reduce_in_activation_dtype:
+                out = out.astype(x.dtype)
             out = mx.distributed.all_sum(out, group=self.sharding_group)
         return out.astype(x.dtype).reshape(x.shape)

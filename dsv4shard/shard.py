@@ -87,24 +87,30 @@ def shard_experts(mlp, rank: int, size: int) -> None:
         shard_columns(mlp[name], rank, size)
 
 
-def shard_block(block: MoEBlock, rank: int, size: int) -> MoEBlock:
-    """Rank ``rank``'s slice of ``block``, as a new block (the original is
-    left whole): the virtual ranks of a one-process run."""
-    check_shardable(block, size)
-    if not 0 <= rank < size:
-        raise ShardingError(f"rank {rank} is outside 0..{size - 1}")
-    local = copy.copy(block)
-    local.switch_mlp = copy.deepcopy(block.switch_mlp)
-    local.shared_experts = copy.deepcopy(block.shared_experts)
-    shard_experts(local.switch_mlp, rank, size)
-    shard_experts(local.shared_experts, rank, size)
-    mx.eval(local.parameters())
-    return local
+class VirtualGroup:
+    """Rank ``rank`` of ``size`` in one process: what a sharding function
+    reads from a group (rank and size), with no communication.  Virtual ranks
+    are summed by the caller from ``MoEBlock.partial``."""
+
+    def __init__(self, rank: int, size: int):
+        if not 0 <= rank < size:
+            raise ShardingError(f"rank {rank} is outside 0..{size - 1}")
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+    def __repr__(self):
+        return f"VirtualGroup({self._rank}, {self._size})"
 
 
-def shard(block: MoEBlock, group: mx.distributed.Group) -> MoEBlock:
-    """Shard ``block`` in place for this process's rank of ``group``, and make
-    its call all_sum the partial outputs once."""
+def shard(block: MoEBlock, group) -> MoEBlock:
+    """Shard ``block`` in place for this process's rank of ``group`` and make
+    its call all_sum the partial outputs once.  Every precondition is checked
+    before any weight is touched."""
     size, rank = group.size(), group.rank()
     check_shardable(block, size)
     shard_experts(block.switch_mlp, rank, size)
@@ -112,3 +118,14 @@ def shard(block: MoEBlock, group: mx.distributed.Group) -> MoEBlock:
     block.sharding_group = group
     mx.eval(block.parameters())
     return block
+
+
+def shard_block(block: MoEBlock, rank: int, size: int, shard_fn=shard) -> MoEBlock:
+    """Rank ``rank``'s slice of ``block`` as a new block, the original left
+    whole: a virtual rank.  ``shard_fn(block, group)`` is the sharding under
+    test."""
+    local = copy.copy(block)
+    local.switch_mlp = copy.deepcopy(block.switch_mlp)
+    local.shared_experts = copy.deepcopy(block.shared_experts)
+    local.gate = copy.deepcopy(block.gate)
+    return shard_fn(local, VirtualGroup(rank, size))

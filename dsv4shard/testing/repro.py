@@ -28,6 +28,15 @@ def load(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def parse_case(text: str):
+    """A case from its printed repr (a failure message prints it)."""
+    from dsv4shard.testing import strategies as s
+
+    namespace = {**vars(s), "MoEConfig": MoEConfig, "Revision": Revision,
+                 "QuantFormat": QuantFormat}
+    return eval(text, namespace)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("property")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from hypothesis import strategies as st
 
 from reference.moe_block import SCORE_FUNCS, MoEConfig, Revision
+from dsv4shard.backend import float16_code_overflow, unsupported
 from reference.quantization import QUANT_FORMATS, QuantFormat
 
 # mlx-lm's SwitchGLU sorts tokens by expert once indices.size reaches this.
@@ -89,11 +90,11 @@ def token_counts(top_k: int, side: str) -> st.SearchStrategy[int]:
 
 @st.composite
 def moe_configs(draw, *, sizes=(32, 64, 128), quant: QuantFormat | None = None,
-                max_experts: int = 64) -> MoEConfig:
+                max_experts: int = 64, inter_sizes=None) -> MoEConfig:
     group = quant.group_size if quant else 1
     allowed = [s for s in sizes if s % group == 0] or [max(sizes[-1], group)]
     hidden = draw(st.sampled_from(allowed), label="hidden_size")
-    inter = draw(st.sampled_from(allowed), label="intermediate_size")
+    inter = draw(st.sampled_from(inter_sizes or allowed), label="intermediate_size")
     n_experts = draw(st.integers(1, max_experts), label="n_experts")
     # Any k up to E, though mostly the small k real models use.
     top_k = draw(st.one_of(st.integers(1, min(n_experts, 8)), st.integers(1, n_experts)),
@@ -110,8 +111,6 @@ def dtypes_for(quant: QuantFormat | None) -> st.SearchStrategy[str]:
     """float32, float16 and bfloat16, less those the running backend cannot
     compute (``dsv4shard.backend.unsupported`` says why; the tests of that
     module show each such defect)."""
-    from dsv4shard.backend import unsupported
-
     return st.sampled_from([d for d in ("float32", "float16", "bfloat16")
                             if unsupported(quant, d) is None])
 
@@ -119,7 +118,7 @@ def dtypes_for(quant: QuantFormat | None) -> st.SearchStrategy[str]:
 @st.composite
 def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False,
               patterns=INDEX_PATTERNS, max_experts: int = 64, formats=None,
-              linear_bias: bool = True) -> MoECase:
+              linear_bias: bool = True, inter_sizes=None) -> MoECase:
     """A whole MoE case.  ``quantized``: None draws dense or quantized;
     ``formats`` restricts the quantization formats drawn; ``linear_bias``
     lets the routed experts carry linear biases (drawn)."""
@@ -127,7 +126,8 @@ def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False
         quantized = formats is not None or draw(st.booleans(), label="quantized")
     formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
     quant = draw(formats_drawn, label="quant") if quantized else None
-    config = draw(moe_configs(quant=quant, max_experts=max_experts), label="config")
+    config = draw(moe_configs(quant=quant, max_experts=max_experts, inter_sizes=inter_sizes),
+                  label="config")
     pattern = draw(st.sampled_from(patterns), label="pattern")
     if pattern in HASH_PATTERNS:
         config = MoEConfig(**{**config.__dict__, "hash_routing": True, "vocab_size": 97})
@@ -136,17 +136,50 @@ def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False
     batch_shape = ()
     if n_tokens % 2 == 0 and draw(st.booleans(), label="batched"):
         batch_shape = (2, n_tokens // 2)
+    dtype = draw(dtypes_for(quant), label="dtype")
+    scales = [1.0, 30.0]
+    if config.swiglu_limit <= 0 and float16_code_overflow(quant, dtype):
+        scales = [1.0]  # unclipped and large would hit a backend defect (see backend.py)
     return MoECase(
         config=config,
         quant=quant,
-        dtype=draw(dtypes_for(quant), label="dtype"),
+        dtype=dtype,
         n_tokens=n_tokens,
         pattern=pattern,
-        activation_scale=draw(st.sampled_from([1.0, 30.0]), label="activation_scale"),
+        activation_scale=draw(st.sampled_from(scales), label="activation_scale"),
         seed=draw(st.integers(0, 2**32 - 1), label="seed"),
         batch_shape=batch_shape,
         linear_bias=draw(st.booleans(), label="linear_bias") if linear_bias else False,
     )
+
+
+RANK_COUNTS = (1, 2, 3, 4, 8)
+REDUCTIONS = ("float32", "activation")  # the dtype of the cross-rank sum
+
+
+@dataclass(frozen=True)
+class ShardCase:
+    """A MoE case split over ``ranks`` tensor-parallel ranks."""
+
+    moe: MoECase
+    ranks: int
+    reduce: str  # one of REDUCTIONS
+
+
+@st.composite
+def shard_cases(draw, ranks: int | None = None, quantized: bool | None = None,
+                global_scale: bool = False) -> ShardCase:
+    """A case whose intermediate size (and its quantization groups) divides
+    evenly over the drawn rank count (or the given one)."""
+    n = ranks or draw(st.sampled_from(RANK_COUNTS), label="ranks")
+    if quantized is None:
+        quantized = draw(st.booleans(), label="quantized")
+    fmt = draw(quant_formats(global_scale), label="quant") if quantized else None
+    unit = (fmt.group_size if fmt else 8) * n
+    inter = unit * draw(st.integers(1, max(1, 256 // unit)), label="intermediate_units")
+    case = draw(moe_cases(quantized=quantized, formats=[fmt] if fmt else None,
+                          inter_sizes=(inter,), max_experts=32), label="moe")
+    return ShardCase(case, n, draw(st.sampled_from(REDUCTIONS), label="reduce"))
 
 
 @st.composite
@@ -167,80 +200,55 @@ def router_cases() -> st.SearchStrategy[MoECase]:
 
 # --- fusion ---
 
+from dataclasses import replace as _replace  # noqa: E402
+
 
 @dataclass(frozen=True)
 class FusionCase:
-    """A case for the fused gate+up properties: the block's own case, whether
-    the switch projections carry a linear bias, and how many ranks shard the
-    block before it is fused (1: unsharded)."""
+    """A case for the fused gate+up properties: the block's own case, and how
+    many ranks shard the block before it is fused (1: unsharded)."""
 
     moe: MoECase
-    linear_bias: bool = False
     ranks: int = 1
 
 
-FUSION_SIZES = (32, 64, 128)  # hidden and intermediate sizes: small, so fast
-FUSION_MAX_EXPERTS = 16
-
-
-def fusion_formats(quantized: bool | None, global_scale: bool | None):
-    """Formats to fuse: None is dense.  ``global_scale``: False leaves out
-    nvfp4 with a global scale, True draws only it, None draws either."""
-    quants = [f for f in QUANT_FORMATS
-              if global_scale is None or f.global_scale == global_scale]
-    if quantized is None and global_scale is not True:
-        return st.one_of(st.just(None), st.sampled_from(quants))
-    if quantized is False:
-        return st.just(None)
-    return st.sampled_from(quants)
-
-
-def runnable_dtype(quant: QuantFormat | None, dtype: str) -> str:
-    """``dtype``, or float32 where this backend cannot run ``quant`` in it (a
-    global scale it cannot run at all is left for the test to skip)."""
-    from dsv4shard import backend
-
-    if quant is not None and quant.global_scale:
-        return dtype
-    return dtype if backend.unsupported(quant, dtype) is None else "float32"
+FUSION_MAX_EXPERTS = 16  # enough for every index pattern, and fast
+NVFP4 = QuantFormat("nvfp4", 16, 4)
+NVFP4_GLOBAL_SCALE = QuantFormat("nvfp4", 16, 4, global_scale=True)
 
 
 @st.composite
 def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | None = False,
-                 linear_bias: bool | None = False, ranks=(1,)) -> FusionCase:
-    """A block to fuse, its tokens (both sides of the sort threshold; [T, D] or
-    [B, L, D]) and index pattern.  ``ranks``: rank counts to shard over
-    first; the intermediate size is then drawn divisible by ranks x group."""
-    quant = draw(fusion_formats(quantized, global_scale), label="quant")
-    n_ranks = draw(st.sampled_from(ranks), label="ranks")
-    config = draw(moe_configs(sizes=FUSION_SIZES, quant=quant,
-                              max_experts=FUSION_MAX_EXPERTS), label="config")
-    step = (quant.group_size if quant else 1) * n_ranks
-    inters = [s for s in FUSION_SIZES if s % step == 0] or [step]
-    inter = draw(st.sampled_from(inters), label="intermediate_size")
-    pattern = draw(st.sampled_from(INDEX_PATTERNS), label="pattern")
-    changes = {"intermediate_size": inter}
-    if pattern in HASH_PATTERNS:
-        changes.update(hash_routing=True, vocab_size=97)
-    config = MoEConfig(**{**config.__dict__, **changes})
-    side = draw(st.sampled_from(["below", "at", "above"]), label="sort_side")
-    n_tokens = draw(token_counts(config.top_k, side), label="n_tokens")
-    batch_shape = ()
-    if n_tokens % 2 == 0 and draw(st.booleans(), label="batched"):
-        batch_shape = (2, n_tokens // 2)
-    dtype = runnable_dtype(quant, draw(dtypes_for(quant), label="dtype"))
-    moe = MoECase(
-        config=config,
-        quant=quant,
-        dtype=dtype,
-        n_tokens=n_tokens,
-        pattern=pattern,
-        activation_scale=draw(st.sampled_from([1.0, 30.0]), label="activation_scale"),
-        seed=draw(st.integers(0, 2**32 - 1), label="seed"),
-        batch_shape=batch_shape,
-    )
-    bias = draw(st.booleans(), label="linear_bias") if linear_bias is None else linear_bias
-    return FusionCase(moe, bias, n_ranks)
+                 linear_bias: bool = True, ranks=(1,)) -> FusionCase:
+    """A block to fuse (small: hidden and intermediate 32..128, at most 16
+    experts, fewer than 80 tokens, both sides of the sort threshold, [T, D]
+    or [B, L, D]), in a format the backend runs, or (``global_scale``) nvfp4
+    with a global scale, which tests that run its kernel skip where the
+    backend has none.  ``global_scale``: False never draws it, True always,
+    None sometimes.  ``ranks``: rank counts to shard over before fusing."""
+    n = draw(st.sampled_from(ranks), label="ranks")
+    with_scale = (draw(st.booleans(), label="global_scale") if global_scale is None
+                  else global_scale)
+    if with_scale:
+        quantized = True
+    formats = [NVFP4] if with_scale else None
+    if quantized is None:
+        quantized = draw(st.booleans(), label="quantized")
+    if quantized and formats is None:
+        formats = [f for f in QUANT_FORMATS if not f.global_scale]
+    fmt = draw(st.sampled_from(formats), label="quant") if quantized else None
+    unit = (fmt.group_size if fmt else 1) * n
+    inters = tuple(s for s in (32, 64, 128) if s % unit == 0) or (unit,)
+    moe = draw(moe_cases(quantized=quantized, formats=[fmt] if fmt else None,
+                         max_experts=FUSION_MAX_EXPERTS, linear_bias=linear_bias,
+                         inter_sizes=inters), label="moe")
+    if with_scale:
+        # Drawn as plain nvfp4 (whose dtypes every backend runs), then given
+        # the global scale: the case must exist even where its kernel cannot run.
+        moe = _replace(moe, quant=NVFP4_GLOBAL_SCALE,
+                      dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"]),
+                                 label="dtype"))
+    return FusionCase(moe, n)
 
 
 def sharded_fusion_cases(**kwargs) -> st.SearchStrategy[FusionCase]:

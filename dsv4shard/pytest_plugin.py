@@ -1,0 +1,66 @@
+"""dsv4shard's pytest plugin (registered as a ``pytest11`` entry point, so a
+port's own CI gets it with ``pip install dsv4shard``).
+
+Options choose the implementation under test and where real ranks run:
+``--shard-impl module:function``, ``--ranks N``, ``--hostfile PATH``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+
+def load_impl(spec: str):
+    module, sep, attr = spec.partition(":")
+    if not sep:
+        raise pytest.UsageError(f"expected module:function, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as error:
+        raise pytest.UsageError(f"cannot load {spec!r}: {error}") from error
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dsv4shard")
+    group.addoption("--shard-impl", default="dsv4shard.shard:shard",
+                    help="sharding function under test, module:function; contract: "
+                         "function(moe_block, group) returns the block to use")
+    group.addoption("--ranks", type=int, default=2,
+                    help="real ranks started on localhost for distributed tests (default 2)")
+    group.addoption("--hostfile", default=os.environ.get("DSV4SHARD_HOSTFILE"),
+                    help="mlx.launch hostfile for the hardware tier "
+                         "(or DSV4SHARD_HOSTFILE); its backend: jaccl, ring or nccl")
+
+
+@pytest.fixture(scope="session")
+def shard_impl(request):
+    return load_impl(request.config.getoption("--shard-impl"))
+
+
+@pytest.fixture(scope="session")
+def rank_pool(request):
+    """N real ranks on localhost (ring), alive for the whole session."""
+    from dsv4shard.ranks import hostfile as hf
+    from dsv4shard.ranks.pool import RankPool
+
+    size = request.config.getoption("--ranks")
+    if size < 2:
+        raise pytest.UsageError(f"--ranks must be at least 2, got {size}")
+    with RankPool(hf.local(size, "ring")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def hardware_pool(request):
+    """Ranks across the hostfile's hosts; the tier skips without one."""
+    from dsv4shard.ranks import hostfile as hf
+    from dsv4shard.ranks.pool import RankPool
+
+    path = request.config.getoption("--hostfile")
+    if not path:
+        pytest.skip("hardware tier: no hostfile (pass --hostfile or set DSV4SHARD_HOSTFILE)")
+    with RankPool(hf.load(path)) as pool:
+        yield pool

@@ -1,0 +1,185 @@
+"""A pool of N rank processes that stay alive across many examples.
+
+Every rank reads the same job from its stdin and answers on its stdout; the
+test process sends a job to all ranks and waits for all answers within a
+bounded time.  A rank that dies, hangs or errs fails the job with that
+rank's stderr, and the whole pool is torn down: no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from dsv4shard.ranks import wire
+from dsv4shard.ranks.hostfile import Hostfile, rank_environments
+
+
+class RankFailure(RuntimeError):
+    """A rank died, hung, or raised; the message carries its stderr."""
+
+
+def launch_script(env: dict[str, str], python: str, cwd: str) -> str:
+    """The bash line that starts one rank: cd, export, write the files the
+    backend reads (``@NAME`` entries), exec the worker."""
+    parts = [f"cd {shlex.quote(cwd)} 2>/dev/null || true"]
+    for key, value in env.items():
+        if key.startswith("@"):
+            name = key[1:]
+            parts.append(f"f=$(mktemp) && printf %s {shlex.quote(value)} > $f && "
+                         f"export {name}=$f")
+        else:
+            parts.append(f"export {key}={shlex.quote(value)}")
+    parts.append(f"exec {shlex.quote(python)} -u -m dsv4shard.ranks.worker")
+    return "; ".join(parts)
+
+
+class RankPool:
+    def __init__(self, hostfile: Hostfile, timeout: float = 120.0,
+                 start_timeout: float = 60.0, python: str | None = None):
+        self.hostfile = hostfile
+        self.size = len(hostfile.hosts)
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.python = python or os.environ.get("DSV4SHARD_PYTHON") or sys.executable
+        self.procs: list[subprocess.Popen] = []
+        self.stderr_files = []
+        self.jobs = 0
+
+    # --- life cycle -------------------------------------------------------
+
+    def start(self) -> RankPool:
+        envs = rank_environments(self.hostfile)
+        for rank, (host, env) in enumerate(zip(self.hostfile.hosts, envs)):
+            env = {**env, "DSV4SHARD_BACKEND": self.hostfile.backend, "PYTHONUNBUFFERED": "1"}
+            script = launch_script(env, self.python, os.getcwd())
+            cmd = (["bash", "-c", script] if host.is_local
+                   else ["ssh", "-o", "BatchMode=yes", host.ssh, "bash -c " + shlex.quote(script)])
+            err = tempfile.TemporaryFile(mode="w+")
+            self.stderr_files.append(err)
+            self.procs.append(subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                start_new_session=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}))
+        hello = self._collect(self.start_timeout, "start-up")
+        for rank, message in enumerate(hello):
+            if message.get("size") != self.size or message.get("rank") != rank:
+                self.close()
+                raise RankFailure(
+                    f"rank process {rank} joined a group of size {message.get('size')} as rank "
+                    f"{message.get('rank')}, expected rank {rank} of {self.size} "
+                    f"({self.hostfile.backend}); a size-1 group would pass vacuously")
+        return self
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.write(wire.dumps({"task": "exit"}))
+                    proc.stdin.flush()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        for proc in self.procs:
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.poll() is None for p in self.procs)
+
+    # --- jobs ---------------------------------------------------------------
+
+    def run(self, job: dict, timeout: float | None = None) -> list[dict]:
+        """Send ``job`` to every rank; return the answers by rank.  Raises
+        RankFailure (and tears the pool down) on death, hang or error."""
+        if not self.alive:
+            raise RankFailure("the rank pool is not running: " + self._stderr_tails())
+        line = wire.dumps(job)
+        for rank, proc in enumerate(self.procs):
+            try:
+                proc.stdin.write(line)
+                proc.stdin.flush()
+            except OSError:
+                self._fail(f"rank {rank} stopped reading jobs")
+        answers = self._collect(timeout or self.timeout, f"job {job.get('task')}")
+        self.jobs += 1
+        errors = [(r, a["error"]) for r, a in enumerate(answers) if "error" in a]
+        if errors:
+            rank, error = errors[0]
+            raise RankFailure(f"rank {rank} raised:\n{error}")
+        return answers
+
+    def _collect(self, timeout: float, what: str) -> list[dict]:
+        answers: list[dict | None] = [None] * self.size
+        selector = selectors.DefaultSelector()
+        for rank, proc in enumerate(self.procs):
+            os.set_blocking(proc.stdout.fileno(), True)
+            selector.register(proc.stdout, selectors.EVENT_READ, rank)
+        deadline = time.monotonic() + timeout
+        try:
+            while any(a is None for a in answers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    waiting = [r for r, a in enumerate(answers) if a is None]
+                    self._fail(f"{what}: ranks {waiting} gave no answer within {timeout:.0f} s "
+                               "(hung)")
+                for key, _ in selector.select(min(remaining, 1.0)):
+                    rank = key.data
+                    line = key.fileobj.readline()
+                    if not line:
+                        selector.unregister(key.fileobj)
+                        code = self.procs[rank].wait()
+                        self._fail(f"{what}: rank {rank} died (exit status {code})")
+                    message = wire.loads(line)
+                    if message is not None:
+                        answers[rank] = message
+                        selector.unregister(key.fileobj)
+                for rank, proc in enumerate(self.procs):
+                    if answers[rank] is None and proc.poll() is not None:
+                        self._fail(f"{what}: rank {rank} died (exit status {proc.returncode})")
+        finally:
+            selector.close()
+        return answers
+
+    def _stderr_tails(self, chars: int = 2000) -> str:
+        parts = []
+        for rank, f in enumerate(self.stderr_files):
+            f.seek(0)
+            text = f.read()[-chars:].strip()
+            parts.append(f"--- rank {rank} stderr ---\n{text or '(empty)'}")
+        return "\n".join(parts)
+
+    def _fail(self, reason: str):
+        self._kill()
+        raise RankFailure(f"{reason}\n{self._stderr_tails()}")

@@ -1,0 +1,96 @@
+"""One rank of a RankPool: join the group, then answer jobs until told to exit.
+
+A job names a task and a case; every rank builds the same weights from the
+case's seed, so only the configuration crosses the wire.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import mlx.core as mx
+import numpy as np
+
+from dsv4shard.ranks import wire
+
+
+def protocol_stream():
+    """Keep the real stdout for protocol lines and send everything else a
+    library prints to stderr, so that one job gives exactly one line."""
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(fd, "w", buffering=1)
+
+
+def load(spec: str):
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def run_moe(job: dict, group) -> dict:
+    """Build the case's block, shard it with the function under test, run it
+    (the block all_sums inside), and return the output and chosen experts."""
+    from dsv4shard.testing import data
+    from dsv4shard.testing.repro import parse_case
+    from dsv4shard.weights import DTYPES, build_block, to_numpy
+
+    case = parse_case(job["case"])
+    block = build_block(case.config, data.make_weights(case), case.quant, case.dtype)
+    block.reduce_in_activation_dtype = job.get("reduce") == "activation"
+    block = load(job["shard"])(block, group) or block
+    if job.get("fuse"):
+        fused = load(job["fuse"])(block.switch_mlp)
+        if fused is not None:
+            block.switch_mlp = fused
+    x = mx.array(data.make_tokens(case), dtype=mx.float32).astype(DTYPES[case.dtype])
+    ids = data.make_input_ids(case)
+    ids = None if ids is None else mx.array(ids, dtype=mx.int32)
+    indices, _ = block.gate(x, ids)
+    y = block(x, ids)
+    mx.eval(y, indices)
+    return {"y": wire.encode_array(to_numpy(y)),
+            "indices": wire.encode_array(np.sort(np.array(indices), axis=-1))}
+
+
+def run_die(job: dict, group) -> dict:
+    """For the pool's own tests: this rank exits, or hangs, on request."""
+    if group.rank() == job.get("rank", 1):
+        if job.get("how") == "hang":
+            import time
+
+            time.sleep(3600)
+        os._exit(3)
+    y = mx.distributed.all_sum(mx.ones((4,)), group=group)  # waits on the dead rank
+    mx.eval(y)
+    return {"y": wire.encode_array(np.array(y))}
+
+
+TASKS = {"moe": run_moe, "die": run_die}
+
+
+def main() -> None:
+    out = protocol_stream()
+    backend = os.environ.get("DSV4SHARD_BACKEND", "ring")
+    group = mx.distributed.init(backend=backend, strict=True)
+    out.write(wire.dumps({"rank": group.rank(), "size": group.size(), "backend": backend}))
+    for line in sys.stdin:
+        job = wire.loads(line)
+        if job is None:
+            continue
+        if job.get("task") == "exit":
+            break
+        try:
+            answer = TASKS[job["task"]](job, group)
+        except Exception:
+            answer = {"error": traceback.format_exc()}
+        answer.update(rank=group.rank(), size=group.size())
+        out.write(wire.dumps(answer))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Known-bad sharding functions, with the contract ``shard(block, group) ->
+block`` of ``dsv4shard.shard.shard``; each stands for a bug seen in the wild."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from dsv4shard.block import MoEBlock
+from dsv4shard.shard import check_shardable, shard, shard_experts, shard_rows
+
+
+def shard_without_all_sum(block, group):
+    """The ranks' partial outputs are never added: each rank returns its own."""
+    shard(block, group)
+    block.sharding_group = None
+    return block
+
+
+class TwiceSummed(MoEBlock):
+    def __call__(self, x, input_ids=None):
+        out = self.partial(x, input_ids)
+        out = mx.distributed.all_sum(out, group=self.sharding_group)
+        out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out.astype(x.dtype).reshape(x.shape)
+
+
+def shard_with_two_all_sums(block, group):
+    """One all_sum in the MoE wrapper and one more in the layer: N times the answer."""
+    shard(block, group)
+    block.__class__ = TwiceSummed
+    return block
+
+
+def shard_down_wrong_axis(block, group):
+    """down_proj sliced along its output axis, like gate/up, instead of its input."""
+    size, rank = group.size(), group.rank()
+    check_shardable(block, size)
+    for mlp in (block.switch_mlp, block.shared_experts):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            shard_rows(mlp[name], rank, size)
+    block.sharding_group = group
+    return block
+
+
+def shard_shared_left_whole(block, group):
+    """Routed experts sharded, the shared expert left whole, yet summed over
+    ranks: the shared output counted N times."""
+    size, rank = group.size(), group.rank()
+    check_shardable(block, size)
+    shard_experts(block.switch_mlp, rank, size)
+    block.sharding_group = group
+    return block
+
+
+def shard_bias_on_every_rank(block, group):
+    """down_proj's linear bias kept on every rank: counted N times after the sum."""
+    bias = block.switch_mlp.down_proj.get("bias")
+    shard(block, group)
+    if bias is not None:
+        block.switch_mlp.down_proj.bias = bias
+    return block
+
+
+def shard_global_scale_by_expert(block, group):
+    """An nvfp4 global scale (one per expert) sliced along the expert axis as
+    if it were a weight."""
+    shard(block, group)
+    size, rank = group.size(), group.rank()
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        layer = block.switch_mlp[name]
+        scale = getattr(layer, "global_scale", None)
+        if scale is not None and scale.ndim and scale.shape[0] >= size:
+            n = scale.shape[0] // size
+            layer.global_scale = scale[rank * n:(rank + 1) * n]
+    return block
+
+
+def shard_rank_dependent_routing(block, group):
+    """Each rank perturbs its own copy of the router (a rank-local bias
+    update): ranks choose different experts."""
+    shard(block, group)
+    rank = group.rank()
+    if rank:
+        e = block.gate.bias.shape[0]
+        bump = mx.zeros((e,)).at[rank % e].add(100.0)
+        block.gate.bias = block.gate.bias + bump
+    return block
+
+
+def entries():
+    from dsv4shard.testing import strategies as s
+    from dsv4shard.testing.mutants import Mutant
+    from dsv4shard.testing.properties import sharded as p
+
+    def virtual():
+        return s.shard_cases()
+
+    def biased():
+        return s.shard_cases().filter(lambda c: c.moe.linear_bias and c.ranks > 1)
+
+    def real():
+        return s.shard_cases(ranks=2)
+
+    return [
+        Mutant("shard_no_all_sum", p.real_ranks_match_unsharded, real,
+               {"shard": shard_without_all_sum}),
+        Mutant("shard_two_all_sums", p.real_ranks_match_unsharded, real,
+               {"shard": shard_with_two_all_sums}),
+        Mutant("shard_down_wrong_axis", p.sharded_matches_unsharded, virtual,
+               {"shard": shard_down_wrong_axis}),
+        Mutant("shard_shared_left_whole", p.sharded_matches_unsharded, virtual,
+               {"shard": shard_shared_left_whole}),
+        Mutant("shard_bias_on_every_rank", p.sharded_matches_unsharded, biased,
+               {"shard": shard_bias_on_every_rank}),
+        Mutant("shard_bias_on_every_rank_structure", p.shard_holds_its_slice, biased,
+               {"shard": shard_bias_on_every_rank}),
+        Mutant("shard_rank_dependent_routing", p.real_ranks_match_unsharded, real,
+               {"shard": shard_rank_dependent_routing}),
+    ]
