@@ -30,10 +30,16 @@ def group_size_of(layer) -> int:
 def check_shardable(block: MoEBlock, size: int) -> None:
     """Every precondition, checked before any weight is touched: N divides the
     intermediate size and, for quantized down projections, its groups."""
+    check_shardable_mlps([("switch_mlp", block.switch_mlp),
+                          ("shared_experts", block.shared_experts)], size)
+
+
+def check_shardable_mlps(mlps, size: int) -> None:
+    """``mlps``: (name, module with gate_proj, up_proj, down_proj) pairs."""
     if size < 1:
         raise ShardingError(f"rank count must be >= 1, got {size}")
     problems = []
-    for where, mlp in (("switch_mlp", block.switch_mlp), ("shared_experts", block.shared_experts)):
+    for where, mlp in mlps:
         inter = mlp.gate_proj.weight.shape[-2]
         if inter % size:
             problems.append(f"{where}: intermediate size {inter} is not divisible by "

@@ -42,12 +42,14 @@ def launch_script(env: dict[str, str], python: str, cwd: str) -> str:
 
 class RankPool:
     def __init__(self, hostfile: Hostfile, timeout: float = 120.0,
-                 start_timeout: float = 60.0, python: str | None = None):
+                 start_timeout: float = 60.0, python: str | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.hostfile = hostfile
         self.size = len(hostfile.hosts)
         self.timeout = timeout
         self.start_timeout = start_timeout
         self.python = python or os.environ.get("DSV4SHARD_PYTHON") or sys.executable
+        self.extra_env = extra_env or {}  # exported last: overrides the backend's
         self.procs: list[subprocess.Popen] = []
         self.stderr_files = []
         self.jobs = 0
@@ -56,8 +58,9 @@ class RankPool:
 
     def start(self) -> RankPool:
         envs = rank_environments(self.hostfile)
-        for rank, (host, env) in enumerate(zip(self.hostfile.hosts, envs)):
-            env = {**env, "DSV4SHARD_BACKEND": self.hostfile.backend, "PYTHONUNBUFFERED": "1"}
+        for host, env in zip(self.hostfile.hosts, envs):
+            env = {**env, "DSV4SHARD_BACKEND": self.hostfile.backend, "PYTHONUNBUFFERED": "1",
+                   **self.extra_env}
             script = launch_script(env, self.python, os.getcwd())
             cmd = (["bash", "-c", script] if host.is_local
                    else ["ssh", "-o", "BatchMode=yes", host.ssh, "bash -c " + shlex.quote(script)])

@@ -70,7 +70,34 @@ def run_die(job: dict, group) -> dict:
     return {"y": wire.encode_array(np.array(y))}
 
 
-TASKS = {"moe": run_moe, "die": run_die}
+def run_model(job: dict, group) -> dict:
+    """A tiny deepseek_v41 model, its MoE blocks sharded over the group (and
+    fused after sharding if asked): its logits for the job's tokens."""
+    from dsv4shard.tiny_model import tiny_v41
+
+    model = tiny_v41(job["seed"], job["layers"])
+    fuse = load(job["fuse"]) if job.get("fuse") else None
+    load(job["shard"])(model, group, fuse=fuse)
+    logits = model(mx.array([job["tokens"]], dtype=mx.int32))
+    mx.eval(logits)
+    return {"logits": wire.encode_array(np.array(logits))}
+
+
+def run_ping(job: dict, group) -> dict:
+    from dsv4shard import backend
+
+    return {"device": backend.name()}
+
+
+def run_unsupported(job: dict, group) -> dict:
+    """Why this rank's backend cannot run experts in a format, or None."""
+    from dsv4shard import backend
+    from dsv4shard.testing.repro import parse_case
+
+    return {"reason": backend.unsupported(parse_case(job["quant"]), job.get("dtype", "float32"))}
+
+
+TASKS = {"moe": run_moe, "model": run_model, "die": run_die, "ping": run_ping, "unsupported": run_unsupported}
 
 
 def main() -> None:

@@ -87,6 +87,16 @@ def shard_rank_dependent_routing(block, group):
     return block
 
 
+def shard_moe_without_all_sum(model, group, fuse=None):
+    """A whole model's MoE blocks sharded but their partials never added."""
+    from dsv4shard.tiny_model import shard_moe_only, v41_moe_blocks
+
+    shard_moe_only(model, group, fuse)
+    for moe in v41_moe_blocks(model):
+        moe.sharding_group = None
+    return model
+
+
 def entries():
     from dsv4shard.testing import strategies as s
     from dsv4shard.testing.mutants import Mutant

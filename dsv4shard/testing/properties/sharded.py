@@ -13,8 +13,8 @@ import numpy as np
 
 import reference as ref
 from dsv4shard.ranks import shared, wire
-from dsv4shard.shard import shard_block
 from dsv4shard.shard import shard as our_shard
+from dsv4shard.shard import shard_block
 from dsv4shard.testing import tolerance
 from dsv4shard.testing.properties.unfused import assume_clear_choice, built, inputs
 from dsv4shard.testing.report import fail

@@ -1,0 +1,68 @@
+"""End to end: a tiny mlx-lm DeepSeek-V4.1 model whose MoE blocks alone are
+sharded over real ranks gives the unsharded model's logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from dsv4shard.ranks import shared, wire
+from dsv4shard.testing import tolerance
+from dsv4shard.testing.properties.sharded import spec
+from dsv4shard.testing.report import fail
+from dsv4shard.tiny_model import TINY_V41, shard_moe_only, tiny_v41
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    seed: int
+    layers: int
+    n_tokens: int
+    ranks: int = 2
+
+
+def tokens(case: ModelCase) -> list[int]:
+    rng = np.random.default_rng(case.seed)
+    return rng.integers(0, TINY_V41["vocab_size"], case.n_tokens).tolist()
+
+
+def logits_bound(case: ModelCase, logits: np.ndarray) -> np.ndarray:
+    """Sharding changes only how each MoE layer's sums are split and added:
+    a few float32 roundings of the layer's partial sums per layer, carried to
+    the logits.  Bounded by c * u * sqrt(D * I) * layers * max|logits|."""
+    d, i = TINY_V41["hidden_size"], TINY_V41["moe_intermediate_size"]
+    return (tolerance.C * tolerance.F32 * np.sqrt(d * i) * case.layers * case.ranks
+            * np.abs(logits).max())
+
+
+def run(case: ModelCase, shard, fuse, pool):
+    answers = pool.run({"task": "model", "seed": case.seed, "layers": case.layers,
+                        "tokens": tokens(case), "shard": spec(shard),
+                        "fuse": spec(fuse) if fuse else None})
+    return [wire.decode_array(a["logits"]) for a in answers], {a["size"] for a in answers}
+
+
+def sharded_model_matches_unsharded(case: ModelCase, shard=shard_moe_only, fuse=None,
+                                    pool=None):
+    """Every rank's logits equal the unsharded model's within the bound; with
+    ``fuse``, fused-after-sharding logits equal unfused ones bit for bit."""
+    pool = pool or shared.pool(case.ranks)
+    model = tiny_v41(case.seed, case.layers)
+    want = np.array(model(mx.array([tokens(case)], dtype=mx.int32)))
+    plain, sizes = run(case, shard, None, pool)
+    if sizes != {case.ranks} or case.ranks < 2:
+        fail(sharded_model_matches_unsharded, case, f"group sizes {sizes}, expected {case.ranks}")
+    bound = logits_bound(case, want)
+    for r, got in enumerate(plain):
+        bad = tolerance.worst_mismatch(got, want, bound)
+        if bad:
+            fail(sharded_model_matches_unsharded, case, f"rank {r} logits: {bad}", shard=shard)
+    if fuse is not None:
+        fused, _ = run(case, shard, fuse, pool)
+        for r, (a, b) in enumerate(zip(plain, fused)):
+            diff = tolerance.first_difference(a, b)
+            if diff:
+                fail(sharded_model_matches_unsharded, case, f"rank {r}: fused vs unfused "
+                     f"logits: {diff}", shard=shard, fuse=fuse)

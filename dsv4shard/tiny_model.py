@@ -1,0 +1,59 @@
+"""A tiny mlx-lm DeepSeek-V4.1 model with seeded random weights, and MoE-only
+sharding of a whole model: attention replicated, every MoE block's routed
+and shared experts split over the ranks, one all_sum per layer."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from dsv4shard.shard import check_shardable_mlps, shard_experts
+
+TINY_V41 = dict(
+    vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=32,
+    q_lora_rank=32, qk_rope_head_dim=16, o_groups=2, o_lora_rank=32,
+    moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2, sliding_window=16,
+    index_n_heads=2, index_head_dim=16, index_topk=8, hc_mult=2, compress_ratios=(0, 0),
+)
+
+
+def tiny_v41(seed: int, layers: int = 2):
+    """mlx_lm.models.deepseek_v41.Model, tiny, every matrix seeded normal/sqrt(fan-in)."""
+    from mlx_lm.models import deepseek_v41
+
+    model = deepseek_v41.Model(deepseek_v41.ModelArgs(**{**TINY_V41, "num_hidden_layers": layers}))
+    rng = np.random.default_rng(seed)
+    params = []
+    for name, value in tree_flatten(model.parameters()):
+        if value.ndim >= 2 and mx.issubdtype(value.dtype, mx.floating):
+            fan_in = value.shape[-1]
+            value = mx.array(rng.normal(0, fan_in**-0.5, value.shape), dtype=value.dtype)
+        params.append((name, value))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def v41_moe_blocks(model):
+    return [layer.mlp for layer in model.layers]
+
+
+def shard_moe_only(model, group, fuse=None):
+    """Shard every MoE block of a deepseek_v41 model for this rank, leaving
+    attention whole; then, if given, fuse gate+up on the local slices."""
+    size, rank = group.size(), group.rank()
+    blocks = v41_moe_blocks(model)
+    for moe in blocks:  # every precondition before any weight moves
+        check_shardable_mlps([("experts.switch_mlp", moe.experts.switch_mlp),
+                              ("shared_experts", moe.shared_experts)], size)
+    for moe in blocks:
+        shard_experts(moe.experts.switch_mlp, rank, size)
+        shard_experts(moe.shared_experts, rank, size)
+        moe.sharding_group = group
+        if fuse is not None:
+            fused = fuse(moe.experts.switch_mlp)
+            if fused is not None:
+                moe.experts.switch_mlp = fused
+    mx.eval(model.parameters())
+    return model
