@@ -59,13 +59,48 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
+def check_variants(specs, only=None) -> list:
+    """Each variant's conformance report (dsv4shard.variants), printed as it
+    completes."""
+    from dsv4shard.variants import check_variant
+    from dsv4shard.variants import markdown as variant_markdown
+
+    reports = []
+    for spec in specs:
+        report = check_variant(spec, only)
+        print()
+        print(variant_markdown(report), flush=True)
+        reports.append(report)
+    return reports
+
+
 def check(args) -> int:
-    rows = [run_property(prop, strategy, args.examples) for prop, strategy in own_checks()]
-    print(markdown(rows))
+    """With --variant: those variants' conformance checks.  Without: the
+    project's own implementations' properties (own_checks), then the
+    installed mlx-lm's DeepSeek-V4 models and the project's own block,
+    sharding and fusion as variants.  Exit status 1 when a property or a
+    REQUIRED variant check fails (informational departures do not count)."""
+    from dsv4shard.variants import CHECKS, default_variants
+
+    unknown = sorted(set(args.only or []) - {c.name for c in CHECKS})
+    if unknown:
+        print(f"dsv4shard check: unknown check(s) {unknown}; checks: "
+              f"{', '.join(c.name for c in CHECKS)}", file=sys.stderr)
+        return 2
+    rows = []
+    if not args.variant:
+        rows = [run_property(prop, strategy, args.examples) for prop, strategy in own_checks()]
+        print("### the project's own implementations: properties against the reference\n")
+        print(markdown(rows))
+    reports = check_variants(args.variant or default_variants(), args.only)
     if args.json:
+        result = {"variants": [r.to_dict() for r in reports]}
+        if rows:
+            result["own"] = rows
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return 1 if any(r["status"] == "FAIL" for r in rows) else 0
+            json.dump(result, f, indent=2, default=str)
+    failed = any(r["status"] == "FAIL" for r in rows) or any(not r.ok for r in reports)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -74,6 +109,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="check implementations against the reference")
     p.add_argument("--examples", type=int, default=50, help="examples per check")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--variant", action="extend", nargs="+", metavar="MODULE_OR_FILE",
+                   help="check these DeepSeek-V4 variants instead (repeatable): a module name "
+                        "(mlx_lm.models.deepseek_v41) or a model file importing its siblings "
+                        "from mlx_lm.models")
+    p.add_argument("--only", action="append", metavar="CHECK",
+                   help="run only this variant check (repeatable)")
     p.set_defaults(func=check)
     args = parser.parse_args(argv)
     return args.func(args)

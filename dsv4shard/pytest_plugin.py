@@ -33,6 +33,11 @@ def pytest_addoption(parser):
     group.addoption("--hostfile", default=os.environ.get("DSV4SHARD_HOSTFILE"),
                     help="mlx.launch hostfile for the hardware tier "
                          "(or DSV4SHARD_HOSTFILE); its backend: jaccl, ring or nccl")
+    group.addoption("--variant", action="append", default=[], metavar="MODULE_OR_FILE",
+                    help="run the conformance checks of this DeepSeek-V4 variant as test items "
+                         "(repeatable): a module name (mlx_lm.models.deepseek_v41) or a model "
+                         "file that imports its siblings from mlx_lm.models; select only them "
+                         "with -m variant")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +69,17 @@ def hardware_pool(request):
         pytest.skip("hardware tier: no hostfile (pass --hostfile or set DSV4SHARD_HOSTFILE)")
     with RankPool(hf.load(path)) as pool:
         yield pool
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "variant: a conformance check of a --variant")
+    config.addinivalue_line("markers", "variant_required: a required conformance check")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -k/-m deselect, so that they apply to these items
+def pytest_collection_modifyitems(session, config, items):
+    specs = config.getoption("--variant", default=None)
+    if specs:
+        from dsv4shard.variants.pytest_items import items_for
+
+        items.extend(items_for(session, specs))

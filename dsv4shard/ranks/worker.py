@@ -100,6 +100,17 @@ def run_unsupported(job: dict, group) -> dict:
 TASKS = {"moe": run_moe, "model": run_model, "die": run_die, "ping": run_ping, "unsupported": run_unsupported}
 
 
+def run_variant_moe(job: dict, group) -> dict:
+    """A variant's own Model.shard() on this rank: its MoE block's output
+    (see dsv4shard.variants.sharded)."""
+    from dsv4shard.variants.sharded import rank_job
+
+    return rank_job(job, group)
+
+
+TASKS["variant_moe"] = run_variant_moe
+
+
 def main() -> None:
     out = protocol_stream()
     backend = os.environ.get("DSV4SHARD_BACKEND", "ring")

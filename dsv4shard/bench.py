@@ -1,0 +1,286 @@
+"""Fused against unfused MoE experts: latency, launches, bytes, bandwidth
+against the backend's measured peak, and memory held (``dsv4shard bench``).
+
+The layer is Flash-shaped (D = 4096, I = 2048, k = 6) with random codes and
+scales built directly in their packed form, so no float32 copy of the
+experts ever exists: E = 256 fits a GPU, and a CPU run uses fewer experts.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import mlx.core as mx
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
+
+from dsv4shard import backend
+from dsv4shard.activation import ClippedSwiGLU
+from dsv4shard.fuse import install_fused
+from reference.quantization import QuantFormat
+
+FORMATS = {
+    "mxfp4-g32": QuantFormat("mxfp4", 32, 4),
+    "affine-g64-b4": QuantFormat("affine", 64, 4),
+    "affine-g64-b6": QuantFormat("affine", 64, 6),
+}
+DECODE_TOKENS = (1, 2, 4, 8)
+PREFILL_TOKENS = 512
+
+
+def random_quantized(experts: int, out_dims: int, in_dims: int, fmt: QuantFormat, key):
+    """A QuantizedSwitchLinear holding random codes and plausible scales."""
+    layer = QuantizedSwitchLinear.__new__(QuantizedSwitchLinear)
+    QuantizedSwitchLinear.__base__.__init__(layer)
+    layer.group_size, layer.bits, layer.mode = fmt.group_size, fmt.bits, fmt.mode
+    k1, k2 = mx.random.split(key)
+    words = in_dims * fmt.bits // 32
+    layer.weight = mx.random.randint(0, 2**31 - 1, (experts, out_dims, words), key=k1).astype(
+        mx.uint32)
+    groups = in_dims // fmt.group_size
+    if fmt.mode == "affine":
+        layer.scales = (mx.random.uniform(0.5, 1.5, (experts, out_dims, groups), key=k2)
+                        * (2.0 / (in_dims**0.5 * 2**fmt.bits))).astype(mx.bfloat16)
+        layer.biases = (-layer.scales.astype(mx.float32) * 2 ** (fmt.bits - 1)).astype(
+            mx.bfloat16)
+    else:  # e8m0 codes near 2^-6: elements of order 1/sqrt(in_dims)
+        layer.scales = mx.random.randint(118, 124, (experts, out_dims, groups), key=k2).astype(
+            mx.uint8)
+        layer.biases = None
+    layer.global_scale = None
+    layer.freeze()
+    return layer
+
+
+def flash_layer(experts: int, fmt: QuantFormat, hidden=4096, inter=2048, seed=0):
+    keys = mx.random.split(mx.random.key(seed), 3)
+    glu = SwitchGLU(8, 8, 1, activation=ClippedSwiGLU(10.0))
+    glu.gate_proj = random_quantized(experts, inter, hidden, fmt, keys[0])
+    glu.up_proj = random_quantized(experts, inter, hidden, fmt, keys[1])
+    glu.down_proj = random_quantized(experts, hidden, inter, fmt, keys[2])
+    mx.eval(glu.parameters())
+    return glu
+
+
+def nbytes(module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def expert_bytes(module, experts: int) -> float:
+    return nbytes(module) / experts
+
+
+def time_call(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        mx.eval(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# Primitives that only re-describe an array (no kernel runs for them).
+VIEW_OPS = {"Reshape", "ExpandDims", "Squeeze", "Broadcast", "Flatten", "Unflatten",
+            "StopGradient", "Split", "Slice"}
+
+
+def launches(fn) -> tuple[int, int]:
+    """(kernel-launching primitives, gather matmuls) in the graph of one call,
+    read from MLX's own graph export; inputs are evaluated first, so only
+    the layer's operations count."""
+    import re
+
+    out = fn()
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, out)
+        ops = re.findall(r'label ="(\w+)", shape=rectangle', f.read())
+    kernels = [op for op in ops if op not in VIEW_OPS]
+    return len(kernels), sum(op.startswith("Gather") and "MM" in op.upper() for op in kernels)
+
+
+def measured_peak_bandwidth() -> float:
+    """Bytes per second of a streaming reduction over a 1 GiB array: the
+    backend's own roofline for reading weights."""
+    a = mx.ones((256, 1024, 1024), dtype=mx.float32)
+    mx.eval(a)
+    seconds = time_call(lambda: mx.sum(a), repeats=5)
+    del a
+    gc.collect()
+    return 256 * 1024 * 1024 * 4 / seconds
+
+
+def touched_experts(indices: mx.array) -> int:
+    return len(set(mx.array(indices).flatten().tolist()))
+
+
+@dataclass
+class Row:
+    format: str
+    tokens: int
+    phase: str
+    unfused_ms: float
+    fused_ms: float
+    ratio: float
+    unfused_launches: int
+    fused_launches: int
+    unfused_matmuls: int
+    fused_matmuls: int
+    weight_mb: float
+    unfused_gbps: float
+    fused_gbps: float
+    peak_gbps: float
+
+
+def activation_dtype():
+    """bfloat16, as models run; float32 on MLX's CPU build, whose half-precision
+    gather_qmm is 8-35x slower than its float32 one (SPEC §2)."""
+    return mx.float32 if backend.name() == "cpu" else mx.bfloat16
+
+
+def bench_format(name: str, fmt: QuantFormat, experts: int, repeats: int,
+                 prefill_repeats: int, peak: float) -> tuple[list[Row], dict]:
+    dtype = activation_dtype()
+    glu = flash_layer(experts, fmt)
+    per_expert = expert_bytes(glu, experts)
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    held_unfused = nbytes(glu)
+    fused = flash_layer(experts, fmt)  # a twin, so both paths run the same sizes
+    mx.reset_peak_memory()
+    fused = install_fused(fused)
+    gc.collect()
+    peak_install = mx.get_peak_memory() - before - held_unfused
+    held_fused = nbytes(fused)
+    rows = []
+    key = mx.random.key(1)
+    for t in (*DECODE_TOKENS, PREFILL_TOKENS):
+        x = (mx.random.normal((t, 4096), key=key) * 0.1).astype(dtype)
+        idx = mx.random.randint(0, experts, (t, 6), key=key).astype(mx.uint32)
+        mx.eval(x, idx)
+        reps = repeats if t in DECODE_TOKENS else prefill_repeats
+        unfused_s = time_call(lambda: glu(x, idx), reps)
+        fused_s = time_call(lambda: fused(x, idx), reps)
+        weight = touched_experts(idx) * per_expert
+        (ul, um), (fl, fm) = launches(lambda: glu(x, idx)), launches(lambda: fused(x, idx))
+        rows.append(Row(name, t, "decode" if t in DECODE_TOKENS else "prefill",
+                        unfused_s * 1e3, fused_s * 1e3, fused_s / unfused_s,
+                        ul, fl, um, fm,
+                        weight / 1e6, weight / unfused_s / 1e9, weight / fused_s / 1e9,
+                        peak / 1e9))
+    memory = {"format": name, "unfused_mb": held_unfused / 1e6, "fused_mb": held_fused / 1e6,
+              "install_peak_extra_mb": peak_install / 1e6}
+    del glu, fused
+    gc.collect()
+    return rows, memory
+
+
+def markdown(rows: list[Row], memory: list[dict], device: str) -> str:
+    out = [f"Device: {device}", "",
+           "| format | T | phase | unfused ms | fused ms | fused/unfused | kernels (unfused/fused) "
+           "| gather matmuls | weights read MB | GB/s (unfused/fused) | peak GB/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r.format} | {r.tokens} | {r.phase} | {r.unfused_ms:.3f} | "
+                   f"{r.fused_ms:.3f} | {r.ratio:.3f} | {r.unfused_launches}/{r.fused_launches} | "
+                   f"{r.unfused_matmuls}/{r.fused_matmuls} | "
+                   f"{r.weight_mb:.1f} | {r.unfused_gbps:.2f}/{r.fused_gbps:.2f} | "
+                   f"{r.peak_gbps:.2f} |")
+    out += ["", "| format | MoE weights unfused MB | fused MB | extra peak during install MB |",
+            "|---|---|---|---|"]
+    for m in memory:
+        out.append(f"| {m['format']} | {m['unfused_mb']:.1f} | {m['fused_mb']:.1f} | "
+                   f"{m['install_peak_extra_mb']:.1f} |")
+    return "\n".join(out)
+
+
+def device_name() -> str:
+    name = backend.name()
+    if name == "cuda":
+        try:
+            info = mx.device_info()
+            return f"cuda: {info.get('device_name', 'GPU')}"
+        except Exception:  # older mlx: no device_info
+            return "cuda"
+    return f"{name}: {platform.processor() or platform.machine()}"
+
+
+def plot(rows: list[Row], path: str, device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in dict.fromkeys(r.format for r in rows):
+        mine = [r for r in rows if r.format == name]
+        ts = [r.tokens for r in mine]
+        ax.plot(ts, [r.unfused_ms for r in mine], "o-", label=f"{name} unfused")
+        ax.plot(ts, [r.fused_ms for r in mine], "s--", label=f"{name} fused")
+        ax.plot(ts, [r.weight_mb * 1e6 / (r.peak_gbps * 1e9) * 1e3 for r in mine], ":",
+                color="gray", label=f"{name} roofline (bytes / peak)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens T")
+    ax.set_ylabel("latency per MoE layer (ms)")
+    ax.set_title(f"Fused vs unfused experts, D=4096 I=2048 k=6 ({device})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(experts: int | None = None, repeats: int = 20, prefill_repeats: int = 5,
+        formats=None, json_path=None, markdown_path=None, plot_path=None) -> str:
+    if experts is None:
+        experts = 256 if backend.name() != "cpu" else 32
+    device = device_name()
+    peak = measured_peak_bandwidth()
+    rows, memory = [], []
+    for name in formats or FORMATS:
+        r, m = bench_format(name, FORMATS[name], experts, repeats, prefill_repeats, peak)
+        rows += r
+        memory.append(m)
+    table = markdown(rows, memory, f"{device}, E={experts}, activations "
+                     f"{str(activation_dtype()).split('.')[-1]}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"device": device, "experts": experts, "rows": [asdict(r) for r in rows],
+                       "memory": memory}, f, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(table + "\n")
+    if plot_path:
+        plot(rows, plot_path, device)
+    return table
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--experts", type=int, help="routed experts (default 256; 32 on CPU)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed decode calls per point")
+    parser.add_argument("--prefill-repeats", type=int, default=5)
+    parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), help="default: all")
+    parser.add_argument("--json", help="write the figures as JSON")
+    parser.add_argument("--markdown", help="write the table as Markdown")
+    parser.add_argument("--plot", help="write a PNG of latency against T with the roofline")
+
+
+def main(args) -> int:
+    print(run(args.experts, args.repeats, args.prefill_repeats, args.formats, args.json,
+              args.markdown, args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    raise SystemExit(main(p.parse_args()))

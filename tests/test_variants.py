@@ -1,0 +1,279 @@
+"""Validating DeepSeek-V4 variants: the adapter on synthetic layouts, every
+conformance check against a variant with its departure, the released
+mlx_lm.models.deepseek_v41 reported truthfully, the CLI and the plugin."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from dsv4shard.cli import main
+from dsv4shard.variants import (
+    CHECKS,
+    INFORMATIONAL,
+    OWN,
+    REQUIRED,
+    Variant,
+    VariantLoadError,
+    check_variant,
+    installed_variants,
+    markdown,
+    run_check,
+)
+from dsv4shard.variants.adapter import split_route, takes_ids
+from dsv4shard.variants.checks import by_name
+
+pytest_plugins = ["pytester"]
+
+HERE = Path(__file__).parent / "variants"
+KNOBS = str(HERE / "knobs.py")
+BROKEN = str(HERE / "broken_import.py")
+
+
+def statuses(report):
+    return {r.check: r for r in report.results}
+
+
+def failed_required(report):
+    return sorted(r.check for r in report.failed_required)
+
+
+# --- the released model, truthfully ------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_deepseek_v41_is_reported_as_it_is():
+    report = check_variant("mlx_lm.models.deepseek_v41")
+    r = statuses(report)
+    assert report.ok, markdown(report)
+    assert not any(x.detail.startswith("raised") for x in report.results), markdown(report)
+    assert r["hash_routing"].status == "SKIP" and "no hash routing" in r["hash_routing"].detail
+    assert report.properties["hash_routing"] is False
+    assert r["spec_revision"].status == "PASS" and "shared-clipped" in r["spec_revision"].detail
+    assert report.properties["revision"] == "shared-clipped"
+    soft, k1 = r["softmax_not_renormalised"], r["k1_renormalised"]
+    assert (soft.status, soft.required) == ("FAIL", False) and "renormalised to sum" in soft.detail
+    assert (k1.status, k1.required) == ("FAIL", False) and "not renormalised" in k1.detail
+    assert report.properties["softmax_renormalised"] is True
+    assert report.properties["k1_renormalised"] is False
+    assert 0 < report.properties["epsilon"] < 1e-18
+    assert "mlp.experts.switch_mlp" in r["structure"].detail and "(x)" in r["structure"].detail
+    for name in REQUIRED:
+        assert r[name].status in ("PASS", "SKIP") if name == "hash_routing" else \
+            r[name].status == "PASS", (name, r[name].detail)
+
+
+def test_installed_variants_include_deepseek_v41():
+    assert "mlx_lm.models.deepseek_v41" in installed_variants()
+
+
+# --- synthetic layouts, each with a departure the report must name -------------------
+
+LAYOUTS = {
+    "ffn_switch_mlp.py": dict(
+        routed="ffn.switch_mlp", order="(indices, weights)", call="(x, input_ids)",
+        departure="combine_precision", diagnosis="rounded to bfloat16 before the shared expert",
+        revision="first-release", hash_routing=True),
+    "experts_attr.py": dict(
+        routed="moe.experts", order="(weights, indices)", call="(x)",
+        departure="softplus_overflow", diagnosis="non-finite weights",
+        revision="shared-clipped", hash_routing=False),
+    "mlp_experts_switch_mlp.py": dict(
+        routed="mlp.experts.switch_mlp", order="(indices, weights)", call="(x, input_ids=…)",
+        departure="sharded_2_ranks", diagnosis="no all_sum", revision="shared-clipped",
+        hash_routing=True),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_adapter_drives_each_layout_and_names_its_departure(name):
+    want = LAYOUTS[name]
+    report = check_variant(str(HERE / name))
+    r = statuses(report)
+    text = markdown(report)
+    assert r["structure"].status == "PASS", text
+    layout = r["structure"].detail
+    assert f"routed experts {want['routed']} " in layout, layout
+    assert f"returns {want['order']}" in layout and f"called as {want['call']}" in layout, layout
+    assert failed_required(report) == [want["departure"]], text
+    assert want["diagnosis"] in r[want["departure"]].detail, text
+    assert report.properties["revision"] == want["revision"]
+    assert report.properties["hash_routing"] is want["hash_routing"]
+    assert not report.ok and "FAILS 1 required check" in text
+
+
+def test_forced_quantization_is_compared_on_round_tripped_weights():
+    variant = Variant(str(HERE / "experts_attr.py"))
+    built = variant.build()
+    assert built.forced_quant is not None and built.forced_quant.mode == "mxfp4"
+    result = run_check(variant, by_name("moe_matches_reference"))
+    assert result.status == "PASS", result.detail
+    assert "mxfp4 experts, as the variant forces" in result.detail
+
+
+def test_a_file_whose_import_fails_names_the_missing_module():
+    with pytest.raises(VariantLoadError, match=r"mlx_lm\.models\.deepseek_v4_kernels"):
+        Variant(BROKEN)
+    report = check_variant(BROKEN)
+    assert not report.ok and report.results[0].check == "load"
+    assert "deepseek_v4_kernels" in report.results[0].detail
+    assert "cannot be loaded" in markdown(report)
+
+
+def test_unknown_module_name_is_a_clear_error():
+    with pytest.raises(VariantLoadError, match="no module named 'no_such_port'"):
+        Variant("no_such_port.models.deepseek_v4")
+
+
+# --- every check can fail ----------------------------------------------------------------
+
+
+def knobbed(*departures):
+    variant = Variant(KNOBS, fresh=True)
+    variant.module.DEPARTURES.update(departures)
+    return variant
+
+
+def knob_names():
+    variant = Variant(KNOBS, fresh=True)
+    return variant.module.KNOWN
+
+
+KNOWN = knob_names()
+
+
+def test_each_check_is_shown_to_fail_somewhere():
+    covered = set(KNOWN.values()) | {"sharded_2_ranks"}  # by mlp_experts_switch_mlp.py
+    assert covered == {c.name for c in CHECKS}
+    assert set(REQUIRED) | set(INFORMATIONAL) == {c.name for c in CHECKS}
+
+
+@pytest.mark.parametrize("departure", sorted(KNOWN))
+def test_check_fails_on_its_departure(departure):
+    name = KNOWN[departure]
+    result = run_check(knobbed(departure), by_name(name))
+    assert result.status == "FAIL", (departure, result)
+    assert result.detail
+
+
+@pytest.mark.distributed
+def test_conforming_variant_passes_every_check():
+    report = check_variant(KNOBS)
+    assert all(r.status == "PASS" for r in report.results), markdown(report)
+    assert report.ok
+
+
+def test_route_scale_applied_by_the_block_is_followed():
+    from dsv4shard.variants.checks import run_all
+
+    variant = knobbed("scale_applied_by_block")
+    results = {r.check: r for r in run_all(variant)}
+    assert not variant.gate_applies_scale
+    assert results.pop("sharded_2_ranks").status == "SKIP"  # a private copy: ranks reload files
+    assert all(r.status == "PASS" for r in results.values()), results
+
+
+@pytest.mark.distributed
+def test_the_projects_own_block_sharding_and_fusion_conform():
+    report = check_variant(OWN)
+    assert all(r.status == "PASS" for r in report.results), markdown(report)
+
+
+@pytest.mark.parametrize("departure, diagnosis", [
+    ("two_sided_gate_clip", "gate clipped on both sides"),
+    ("clips_at_zero_limit", "clips even with swiglu_limit <= 0"),
+    ("shared_two_sided_gate_clip", "matches neither revision"),
+    ("bias_in_weights", "the bias entered the weights"),
+    ("no_renormalisation", "not renormalised"),
+    ("epsilon", "adds eps ~ 1e-20"),
+    ("bfloat16_router", "not computed in float32"),
+    ("bfloat16_combine", "bfloat16"),
+    ("float32_output", "returned mlx.core.float32 for bfloat16"),
+    ("argpartition_kth_k", "raised ValueError"),
+    ("hash_ignores_table", "its table row is"),
+])
+def test_diagnoses_name_the_departure(departure, diagnosis):
+    result = run_check(knobbed(departure), by_name(KNOWN[departure]))
+    assert diagnosis in result.detail, result.detail
+
+
+# --- adapter pieces -----------------------------------------------------------------------
+
+
+def test_router_output_is_read_in_either_order():
+    idx, w = mx.array([[1, 2]], dtype=mx.uint32), mx.array([[0.5, 0.5]])
+    assert split_route((idx, w), "r")[2] == "(indices, weights)"
+    assert split_route((w, idx), "r")[2] == "(weights, indices)"
+    with pytest.raises(Exception, match="not a pair"):
+        split_route(w, "r")
+
+
+def test_the_call_signature_decides_whether_ids_are_passed():
+    def plain(x):
+        pass
+
+    def optional(x, input_ids=None):
+        pass
+
+    def required(x, tokens):
+        pass
+
+    def other(x, mask=None):
+        pass
+
+    assert [takes_ids(f) for f in (plain, optional, required, other)] == [False, True, True,
+                                                                           False]
+
+
+def test_no_hash_routing_fails_where_model_type_claims_deepseek_v4():
+    variant = Variant(str(HERE / "experts_attr.py"), fresh=True)
+    assert run_check(variant, by_name("hash_routing")).status == "SKIP"
+    variant.module.ModelArgs.__dataclass_fields__["model_type"].default = "deepseek_v4"
+    result = run_check(variant, by_name("hash_routing"))
+    assert result.status == "FAIL" and "model_type 'deepseek_v4'" in result.detail
+
+
+def test_a_variant_without_shard_is_skipped_with_the_reason():
+    result = run_check(Variant(str(HERE / "experts_attr.py")), by_name("sharded_2_ranks"))
+    assert result.status == "SKIP" and "no shard()" in result.detail
+
+
+# --- the command and the plugin ---------------------------------------------------------------
+
+
+def test_cli_exit_status_follows_required_checks_only(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    informational = ["--only", "softmax_not_renormalised", "--only", "k1_renormalised"]
+    assert main(["check", "--variant", "mlx_lm.models.deepseek_v41", "--json", str(out),
+                 *informational]) == 0
+    data = json.loads(out.read_text())
+    checks = {c["check"]: c for c in data["variants"][0]["checks"]}
+    assert checks["k1_renormalised"]["status"] == "FAIL" and not checks["k1_renormalised"]["required"]
+    assert main(["check", "--variant", str(HERE / "experts_attr.py"), "--json", str(out),
+                 "--only", "structure", "--only", "softplus_overflow"]) == 1
+    data = json.loads(out.read_text())["variants"][0]
+    assert not data["ok"] and data["checks"][1]["status"] == "FAIL"
+    printed = capsys.readouterr().out
+    assert "| softplus_overflow | required | FAIL |" in printed
+
+
+def test_cli_reports_a_load_failure(tmp_path, capsys):
+    assert main(["check", "--variant", BROKEN, "--json", str(tmp_path / "r.json")]) == 1
+    assert "deepseek_v4_kernels" in capsys.readouterr().out
+    data = json.loads((tmp_path / "r.json").read_text())["variants"][0]
+    assert data["error"] and data["checks"][0]["check"] == "load"
+
+
+def test_pytest_variant_runs_the_checks_as_items(pytester):
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-p", "no:xdist", "-q", "-rxsf",
+        "--variant", str(HERE / "experts_attr.py"), "--variant", BROKEN, "-m", "variant")
+    out = result.stdout.str()
+    assert result.ret == 1, out
+    assert "experts_attr.py]::softplus_overflow" in out and "non-finite weights" in out, out
+    assert "broken_import.py]::load" in out and "deepseek_v4_kernels" in out, out
+    assert "XFAIL" in out and "epsilon_underflow" in out, out  # informational: never a failure
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] == 2 and outcomes["passed"] >= 10 and outcomes["skipped"] >= 2, out
