@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import mlx.core as mx
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
@@ -112,7 +113,7 @@ def measured_peak_bandwidth() -> float:
     backend's own roofline for reading weights."""
     a = mx.ones((256, 1024, 1024), dtype=mx.float32)
     mx.eval(a)
-    seconds = time_call(lambda: mx.sum(a), repeats=5)
+    seconds = time_call(partial(mx.sum, a), repeats=5)
     del a
     gc.collect()
     return 256 * 1024 * 1024 * 4 / seconds
@@ -167,10 +168,11 @@ def bench_format(name: str, fmt: QuantFormat, experts: int, repeats: int,
         idx = mx.random.randint(0, experts, (t, 6), key=key).astype(mx.uint32)
         mx.eval(x, idx)
         reps = repeats if t in DECODE_TOKENS else prefill_repeats
-        unfused_s = time_call(lambda: glu(x, idx), reps)
-        fused_s = time_call(lambda: fused(x, idx), reps)
+        unfused_call, fused_call = partial(glu, x, idx), partial(fused, x, idx)
+        unfused_s = time_call(unfused_call, reps)
+        fused_s = time_call(fused_call, reps)
         weight = touched_experts(idx) * per_expert
-        (ul, um), (fl, fm) = launches(lambda: glu(x, idx)), launches(lambda: fused(x, idx))
+        (ul, um), (fl, fm) = launches(unfused_call), launches(fused_call)
         rows.append(Row(name, t, "decode" if t in DECODE_TOKENS else "prefill",
                         unfused_s * 1e3, fused_s * 1e3, fused_s / unfused_s,
                         ul, fl, um, fm,

@@ -158,6 +158,13 @@ class FusedSwitchGLU(nn.Module):
         self.down_proj = down_proj
         self.activation = activation
 
+    @staticmethod
+    def split(y: mx.array) -> tuple[mx.array, mx.array]:
+        """(x_up, x_gate): the fused output split at I_local, which is read
+        from the fused rows (half of them), never stored."""
+        half = y.shape[-1] // 2
+        return y[..., :half], y[..., half:]
+
     def __call__(self, x, indices) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
@@ -169,11 +176,7 @@ class FusedSwitchGLU(nn.Module):
             inverse = mx.argsort(order)
             x = x.flatten(0, -3)[order // indices.shape[-1]]
             idx = flat[order]
-        y = self.gate_up_proj(x, idx, sorted_indices=do_sort)
-        # The split point is read from the fused rows (half of them), never
-        # stored: it is I_local of whatever this module holds.
-        split = y.shape[-1] // 2
-        x_up, x_gate = y[..., :split], y[..., split:]
+        x_up, x_gate = self.split(self.gate_up_proj(x, idx, sorted_indices=do_sort))
         y = self.down_proj(self.activation(x_up, x_gate), idx, sorted_indices=do_sort)
         if do_sort:
             y = mx.unflatten(y[inverse], 0, indices.shape)

@@ -13,19 +13,31 @@ import os
 import pytest
 
 
-def load_impl(spec: str):
+DEFAULT_FUSE_IMPL = "dsv4shard.fuse:install_fused"
+DEFAULT_SHARD_IMPL = "dsv4shard.shard:shard"
+
+
+def load_impl(spec: str, option: str = "implementation"):
     module, sep, attr = spec.partition(":")
-    if not sep:
-        raise pytest.UsageError(f"expected module:function, got {spec!r}")
+    if not sep or not module or not attr:
+        raise pytest.UsageError(f"{option} wants MODULE:FUNCTION, got {spec!r}")
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as error:
-        raise pytest.UsageError(f"cannot load {spec!r}: {error}") from error
+        found = importlib.import_module(module)
+    except ImportError as error:
+        raise pytest.UsageError(f"{option} {spec}: cannot import {module}: {error}") from error
+    impl = getattr(found, attr, None)
+    if not callable(impl):
+        raise pytest.UsageError(f"{option} {spec}: {module} has no function {attr!r}")
+    return impl
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("dsv4shard")
-    group.addoption("--shard-impl", default="dsv4shard.shard:shard",
+    group.addoption("--fuse-impl", default=DEFAULT_FUSE_IMPL, metavar="MODULE:FUNCTION",
+                    help="fused gate+up installer under test; contract: function(switch_glu) "
+                         "returns the module to use, or None when it fused in place "
+                         "(default: %(default)s)")
+    group.addoption("--shard-impl", default=DEFAULT_SHARD_IMPL, metavar="MODULE:FUNCTION",
                     help="sharding function under test, module:function; contract: "
                          "function(moe_block, group) returns the block to use")
     group.addoption("--ranks", type=int, default=2,
@@ -42,7 +54,24 @@ def pytest_addoption(parser):
 
 @pytest.fixture(scope="session")
 def shard_impl(request):
-    return load_impl(request.config.getoption("--shard-impl"))
+    """The sharding function under test (``--shard-impl``)."""
+    return load_impl(request.config.getoption("--shard-impl"), "--shard-impl")
+
+
+@pytest.fixture(scope="session")
+def fuse_impl(request):
+    """The fused gate+up installer under test (``--fuse-impl``)."""
+    return load_impl(request.config.getoption("--fuse-impl"), "--fuse-impl")
+
+
+def pytest_report_header(config):
+    lines = []
+    for option, default in (("--fuse-impl", DEFAULT_FUSE_IMPL),
+                            ("--shard-impl", DEFAULT_SHARD_IMPL)):
+        spec = config.getoption(option, default)
+        if spec != default:
+            lines.append(f"{option.lstrip('-')} under test: {spec}")
+    return lines or None
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from reference.moe_block import SCORE_FUNCS, MoEConfig, Revision
 from dsv4shard.backend import float16_code_overflow, unsupported
+from reference.moe_block import SCORE_FUNCS, MoEConfig, Revision
 from reference.quantization import QUANT_FORMATS, QuantFormat
 
 # mlx-lm's SwitchGLU sorts tokens by expert once indices.size reaches this.
@@ -168,13 +168,14 @@ class ShardCase:
 
 @st.composite
 def shard_cases(draw, ranks: int | None = None, quantized: bool | None = None,
-                global_scale: bool = False) -> ShardCase:
+                global_scale: bool = False, formats=None) -> ShardCase:
     """A case whose intermediate size (and its quantization groups) divides
     evenly over the drawn rank count (or the given one)."""
     n = ranks or draw(st.sampled_from(RANK_COUNTS), label="ranks")
     if quantized is None:
-        quantized = draw(st.booleans(), label="quantized")
-    fmt = draw(quant_formats(global_scale), label="quant") if quantized else None
+        quantized = formats is not None or draw(st.booleans(), label="quantized")
+    formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
+    fmt = draw(formats_drawn, label="quant") if quantized else None
     unit = (fmt.group_size if fmt else 8) * n
     inter = unit * draw(st.integers(1, max(1, 256 // unit)), label="intermediate_units")
     case = draw(moe_cases(quantized=quantized, formats=[fmt] if fmt else None,
