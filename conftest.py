@@ -27,6 +27,17 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+# For backends where every new shape compiles a kernel (a GPU), a few
+# derandomized examples per property: a smoke run of the same properties.
+settings.register_profile(
+    "smoke",
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
 )

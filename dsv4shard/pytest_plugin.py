@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-
 DEFAULT_FUSE_IMPL = "dsv4shard.fuse:install_fused"
 DEFAULT_SHARD_IMPL = "dsv4shard.shard:shard"
 

@@ -17,6 +17,18 @@ import reference as ref
 # Unit roundoff of each dtype: the one table of per-dtype tolerances.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 F32 = UNIT_ROUNDOFF["float32"]
+# MLX's CUDA backend multiplies float32 matrices on tensor cores in TF32
+# (10-bit mantissa): its float32 matmuls round like this, not like float32.
+TF32 = 2.0**-11
+
+
+def matmul_roundoff(dtype: str) -> float:
+    """Unit roundoff of a matmul in ``dtype`` on the running backend."""
+    from dsv4shard import backend
+
+    if dtype == "float32" and backend.name() == "cuda":
+        return TF32
+    return UNIT_ROUNDOFF[dtype]
 C = 4.0  # the c of c * u * sqrt(K): room for rounding in the stored result too
 SILU_SLOPE = 1.1  # max |silu'(z)| = 1.0998...
 
@@ -64,7 +76,8 @@ def route_weight_error(x, weights, config, indices):
     d = x.shape[1]
     logits = ref.router_logits(x, weights.gate)
     s = ref.scores(logits, config.score_func)
-    e_logit = dot_error(np.abs(x), np.abs(weights.gate).T, d, F32) + F32 * np.abs(logits)
+    e_logit = (dot_error(np.abs(x), np.abs(weights.gate).T, d, matmul_roundoff("float32"))
+               + F32 * np.abs(logits))
     if config.score_func == "softmax":
         e_score = score_slope(logits, "softmax", s) * e_logit.max(axis=-1, keepdims=True)
     else:
@@ -88,7 +101,8 @@ def router_margin(x, weights, config):
     d = x.shape[1]
     logits = ref.router_logits(x, weights.gate)
     s = ref.scores(logits, config.score_func)
-    e_logit = dot_error(np.abs(x), np.abs(weights.gate).T, d, F32) + F32 * np.abs(logits)
+    e_logit = (dot_error(np.abs(x), np.abs(weights.gate).T, d, matmul_roundoff("float32"))
+               + F32 * np.abs(logits))
     e_score = np.maximum(score_slope(logits, config.score_func, s), 0.25) * e_logit.max(
         axis=-1, keepdims=True)
     return 2 * (e_score.max(axis=-1) + 4 * F32 * (np.abs(s + weights.bias).max(axis=-1)))
@@ -112,7 +126,7 @@ def expert_args(weights, e, limit, u):
 
 def switch_glu_bound(x, indices, weights, limit, dtype):
     """Error bound of mlx-lm's SwitchGLU output [T, k, D] in ``dtype``."""
-    u = UNIT_ROUNDOFF[dtype]
+    u = matmul_roundoff(dtype)
     bound = np.zeros(indices.shape + (weights.w2.shape[1],))
     for e in np.unique(indices):
         token, slot = np.nonzero(indices == e)
@@ -125,7 +139,7 @@ def moe_bound(x, weights, config, dtype, input_ids=None):
     """Error bound of the whole block's output [T, D] in ``dtype``: routed
     outputs with their weights' errors, the float32 combine, the shared expert,
     and the final rounding to ``dtype``."""
-    u = UNIT_ROUNDOFF[dtype]
+    u = matmul_roundoff(dtype)
     indices, route_w = ref.route(x, weights, config, input_ids)
     e_route_w = route_weight_error(x, weights, config, indices)
     k = indices.shape[1]

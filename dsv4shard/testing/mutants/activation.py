@@ -61,6 +61,36 @@ class SwappedArguments(nn.Module):
         return (nn.silu(gate) * up).astype(gate.dtype)
 
 
+class NoUpClip(nn.Module):
+    """Clips gate from above but lets up through unclipped (the up clip
+    forgotten)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    def __call__(self, up, gate):
+        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+        if self.limit > 0:
+            gate = mx.minimum(gate, self.limit)
+        return (nn.silu(gate) * up).astype(gate.dtype)
+
+
+class LimitNotHonoured(nn.Module):
+    """Clips to |limit| whatever its sign: limit <= 0 should disable the
+    clip (0 then zeroes every output, -1 clips to 1)."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = abs(limit)
+
+    def __call__(self, up, gate):
+        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+        gate = mx.minimum(gate, self.limit)
+        up = mx.clip(up, -self.limit, self.limit)
+        return (nn.silu(gate) * up).astype(gate.dtype)
+
+
 def _with_routed_activation(block, activation):
     block.switch_mlp.activation = activation(block.config.swiglu_limit)
     return block
@@ -81,6 +111,17 @@ def build_swapped_arguments(config, weights, quant, dtype):
     """Routed experts' activation reads (gate, up)."""
     return _with_routed_activation(build_block(config, weights, quant, dtype),
                                    SwappedArguments)
+
+
+def build_no_up_clip(config, weights, quant, dtype):
+    """Routed experts never clip up."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype), NoUpClip)
+
+
+def build_limit_not_honoured(config, weights, quant, dtype):
+    """Routed experts clip even when limit <= 0 (to |limit|)."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype),
+                                   LimitNotHonoured)
 
 
 # --- NumPy twins of reference.clipped_swiglu ---------------------------------

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 
 import reference as ref
-from dsv4shard.block import Router
+from dsv4shard.block import Router, score
 from dsv4shard.weights import build_block
 
 
@@ -33,9 +33,74 @@ class RouterNoRenormalisation(Router):
 
 
 def ref_scores_mlx(router, x):
-    from dsv4shard.block import score
-
     return score(x.astype(mx.float32) @ router.weight.T, router.score_func)
+
+
+def _route(router, x, input_ids, *, logits=None, scores=None, by_table=True, epsilon=0.0):
+    """Our router with one step replaced: ``logits`` (x, weight) -> logits,
+    ``scores`` (logits) -> scores, ``by_table`` False routes a hash layer by
+    score, ``epsilon`` is added to the renormalisation's denominator."""
+    z = (logits or (lambda a, w: a.astype(mx.float32) @ w.T))(x, router.weight)
+    s = (scores or (lambda v: score(v, router.score_func)))(z)
+    if router.hash_routing and by_table:
+        indices = router.tid2eid[input_ids.reshape(-1)]
+    else:
+        indices = mx.argpartition(-(s + router.bias), router.top_k - 1, axis=-1)
+        indices = indices[..., : router.top_k]
+    w = mx.take_along_axis(s, indices, axis=-1)
+    if router.score_func != "softmax":
+        w = w / (w.sum(axis=-1, keepdims=True) + epsilon)
+    return indices, w * router.route_scale
+
+
+class RouterSoftmaxForSqrtsoftplus(Router):
+    """Softmax used where the layer's score_func is sqrtsoftplus (a port
+    carrying over V3's gate): other choices under the bias, other weights."""
+
+    def __call__(self, x, input_ids=None):
+        func = "softmax" if self.score_func == "sqrtsoftplus" else self.score_func
+        return _route(self, x, input_ids, scores=lambda z: score(z, func))
+
+
+class RouterEpsilon(Router):
+    """An epsilon of 1e-8 in the renormalisation: w / (sum(w) + 1e-8), which
+    shrinks the weights of tokens whose chosen scores are small."""
+
+    def __call__(self, x, input_ids=None):
+        return _route(self, x, input_ids, epsilon=1e-8)
+
+
+class RouterNaiveSoftplus(Router):
+    """Naive softplus, sqrt(log1p(exp(z))) in float32: inf (then NaN
+    weights) once a logit passes about 88.7."""
+
+    def __call__(self, x, input_ids=None):
+        def naive(z):
+            if self.score_func != "sqrtsoftplus":
+                return score(z, self.score_func)
+            return mx.sqrt(mx.log1p(mx.exp(z)))
+
+        return _route(self, x, input_ids, scores=naive)
+
+
+class RouterHashTableIgnored(Router):
+    """Hash table ignored: a hash layer routed by score + bias like any
+    other, tid2eid never read (a port that drops input_ids)."""
+
+    def __call__(self, x, input_ids=None):
+        return _route(self, x, input_ids, by_table=False)
+
+
+class RouterBFloat16Matmul(Router):
+    """Router matmul in bfloat16 (x and the gate weight cast down) instead
+    of float32: logits off by about 2**-8 relative, so weights and near
+    choices move."""
+
+    def __call__(self, x, input_ids=None):
+        def bf16(a, w):
+            return (a.astype(mx.bfloat16) @ w.astype(mx.bfloat16).T).astype(mx.float32)
+
+        return _route(self, x, input_ids, logits=bf16)
 
 
 def _with_router(block, cls):
@@ -51,6 +116,31 @@ def build_bias_in_weights(config, weights, quant, dtype):
 def build_no_renormalisation(config, weights, quant, dtype):
     """The router never renormalises."""
     return _with_router(build_block(config, weights, quant, dtype), RouterNoRenormalisation)
+
+
+def build_softmax_for_sqrtsoftplus(config, weights, quant, dtype):
+    """Softmax scores where the layer says sqrtsoftplus."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterSoftmaxForSqrtsoftplus)
+
+
+def build_epsilon(config, weights, quant, dtype):
+    """Renormalisation with an epsilon of 1e-8."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterEpsilon)
+
+
+def build_naive_softplus(config, weights, quant, dtype):
+    """Naive float32 softplus, log1p(exp(z)): overflows for large logits."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterNaiveSoftplus)
+
+
+def build_hash_table_ignored(config, weights, quant, dtype):
+    """Hash layers routed by score: the tid2eid table ignored."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterHashTableIgnored)
+
+
+def build_bfloat16_router(config, weights, quant, dtype):
+    """Router matmul in bfloat16 instead of float32."""
+    return _with_router(build_block(config, weights, quant, dtype), RouterBFloat16Matmul)
 
 
 # --- NumPy twins of reference.route -------------------------------------------
@@ -76,6 +166,19 @@ def route_naive_softplus(x, weights, config, input_ids=None):
         return ref.route(x, weights, config, input_ids)
     with np.errstate(over="ignore", invalid="ignore"):
         s = np.sqrt(np.log1p(np.exp(ref.router_logits(x, weights.gate))))
+    if config.hash_routing:
+        indices = ref.hash_experts(input_ids, weights.tid2eid)
+    else:
+        indices = ref.top_k_experts(s + weights.bias, config.top_k)
+    return indices, ref.route_weights(s, indices, config)
+
+
+def route_softmax_for_sqrtsoftplus(x, weights, config, input_ids=None):
+    """Softmax scores where score_func says sqrtsoftplus (renormalised as
+    sqrtsoftplus would be)."""
+    if config.score_func != "sqrtsoftplus":
+        return ref.route(x, weights, config, input_ids)
+    s = ref.softmax(ref.router_logits(x, weights.gate))
     if config.hash_routing:
         indices = ref.hash_experts(input_ids, weights.tid2eid)
     else:

@@ -87,3 +87,55 @@ def sorted_matches_unsorted(case: MoECase, build=build_block):
     bad = tolerance.worst_mismatch(whole, pieces, bound)
     if bad:
         fail(sorted_matches_unsorted, case, f"sorted vs unsorted: {bad}", build=build)
+
+
+# Probe logits (SPEC §1, router): float32's exp overflows past about 88.7, so
+# a naive log1p(exp(z)) gives inf at the "large" probe; at the "tiny" probe
+# every sigmoid score is below 1.6e-8, so an epsilon in the renormalisation
+# shows, while all stay normal float32 numbers (a port's 1e-20 stays invisible).
+LARGE_LOGITS = (200.0, 100.0)  # two experts' logits; the others in [-4, 4]
+TINY_LOGITS = (-28.0, -18.0)  # every expert's logit in this range
+
+
+def extreme_probes(case: MoECase):
+    """(weights, x [2 + T, D]): the case's weights with router columns 0 and
+    1 replaced by probe logits, and tokens e_0 and e_1 (one-hot, so their
+    logits are exactly those columns in any precision) before the case's
+    own tokens, whose coordinates 0 and 1 are zeroed (their logits are
+    untouched by the probe columns)."""
+    c = case.config
+    weights = data.make_weights(case)
+    rng = data.rng_for(case, 4)
+    large = rng.uniform(-4.0, 4.0, c.n_experts)
+    large[rng.permutation(c.n_experts)[: len(LARGE_LOGITS)]] = LARGE_LOGITS[: c.n_experts]
+    weights.gate[:, 0] = large
+    weights.gate[:, 1] = rng.uniform(*TINY_LOGITS, c.n_experts)
+    tokens = data.make_tokens(case)
+    tokens[:, :2] = 0.0
+    return weights, np.concatenate([np.eye(2, c.hidden_size), tokens])
+
+
+def moe_matches_reference_at_extremes(case: MoECase, build=build_block):
+    """The whole MLX block equals ``reference.moe`` within the bound on two
+    probe tokens whose router logits sit at the extremes, besides the case's
+    own tokens: logits of +200 and +100 (a naive float32 softplus
+    overflows), and all logits in [-28, -18] (tiny chosen scores: an
+    epsilon in the renormalisation shows)."""
+    c = case.config
+    weights, x64 = extreme_probes(case)
+    block = build(c, weights, case.quant, case.dtype)
+    weights = read_weights(block)
+    x = mx.array(x64, dtype=mx.float32).astype(DTYPES[case.dtype])
+    x_ref = to_numpy(x)
+    ids_ref = None
+    if c.hash_routing:
+        ids_ref = np.arange(len(x64)) % c.vocab_size
+    assume_clear_choice(x_ref, weights, c)
+    ids = None if ids_ref is None else mx.array(ids_ref, dtype=mx.int32)
+    got = to_numpy(block(x, ids))
+    want = ref.moe(x_ref, weights, c, ids_ref)
+    bound = tolerance.moe_bound(x_ref, weights, c, case.dtype, ids_ref)
+    bad = tolerance.worst_mismatch(got, want, bound)
+    if bad:
+        fail(moe_matches_reference_at_extremes, case, f"probe tokens 0 (logits "
+             f"{LARGE_LOGITS}) and 1 (logits in {TINY_LOGITS}) first: {bad}", build=build)
