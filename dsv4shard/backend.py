@@ -25,6 +25,9 @@ def unsupported(quant: QuantFormat | None, dtype: str) -> str | None:
     the true output is in range (tests/test_backend_defects.py shows it).
     """
     if name() == "cuda":
+        if quant is not None and quant.global_scale and dtype == "float16":
+            return ("MLX's CUDA gather_qmm with an nvfp4 global scale returns NaN in float16 "
+                    "once activations reach ~30, the true output in range (seen on H200)")
         if quant is not None and quant.mode == "affine" and quant.group_size == 128:
             return ("MLX's CUDA affine group-128 kernels: QuantizedLinear returns wrong "
                     "values and the sorted gather_qmm fails to launch (seen on H200)")
