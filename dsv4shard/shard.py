@@ -40,6 +40,12 @@ def check_shardable_mlps(mlps, size: int) -> None:
         raise ShardingError(f"rank count must be >= 1, got {size}")
     problems = []
     for where, mlp in mlps:
+        missing = [n for n in (*ROW_SHARDED, *COLUMN_SHARDED) if n not in mlp]
+        if missing:
+            fused = " (it looks fused: fuse AFTER sharding, on the local rows)" if (
+                "gate_up_proj" in mlp) else ""
+            problems.append(f"{where} has no {', '.join(missing)}{fused}")
+            continue
         inter = mlp.gate_proj.weight.shape[-2]
         if inter % size:
             problems.append(f"{where}: intermediate size {inter} is not divisible by "
