@@ -103,7 +103,18 @@ def check(args) -> int:
     return 1 if failed else 0
 
 
+def mutants(args) -> int:
+    """Every catalogued mutant against every property of its kind, as a
+    Markdown kill matrix with a summary; exit status 1 when a mutant survives
+    all of them (those whose property the backend cannot run are skipped)."""
+    from dsv4shard.testing import matrix
+
+    return matrix.main(args)
+
+
 def main(argv=None) -> int:
+    from dsv4shard.testing.catch import CI_EXAMPLES
+
     parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check implementations against the reference")
@@ -116,6 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", metavar="CHECK",
                    help="run only this variant check (repeatable)")
     p.set_defaults(func=check)
+    p = sub.add_parser("mutants", help="the kill matrix: every known-bad implementation "
+                                       "against every property of its kind")
+    p.add_argument("--json", help="also write the matrix to this file")
+    p.add_argument("--examples", type=int, default=CI_EXAMPLES,
+                   help="examples per cell (default: the ci profile's, %(default)s)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="worker processes (default: one per CPU core)")
+    p.add_argument("--only", action="append", metavar="MUTANT",
+                   help="run only this mutant (repeatable)")
+    p.set_defaults(func=mutants)
     args = parser.parse_args(argv)
     return args.func(args)
 

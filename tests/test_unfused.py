@@ -24,6 +24,11 @@ def test_sorted_matches_unsorted(case):
     unfused.sorted_matches_unsorted(case)
 
 
+@given(case=s.moe_cases())
+def test_moe_matches_reference_at_extremes(case):
+    unfused.moe_matches_reference_at_extremes(case)
+
+
 GLOBAL_SCALE = QuantFormat("nvfp4", 16, 4, global_scale=True)
 
 

@@ -12,9 +12,17 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import HypothesisException
 
+# The ``ci`` hypothesis profile's max_examples (conftest.py): a mutant must be
+# caught within the examples the default run gives a property.
+CI_EXAMPLES = 25
+
 
 class MutantSurvived(AssertionError):
     """The property passed every example drawn for a known-bad implementation."""
+
+    def __init__(self, message: str, examples: int = 0):
+        super().__init__(message)
+        self.examples = examples  # how many it passed
 
 
 @dataclass(frozen=True)
@@ -26,11 +34,14 @@ class Kill:
     error: str  # the first line of what the property raised
 
 
-def assert_caught(prop, strategy, *, max_examples: int = 100, **impl) -> Kill:
+def assert_caught(prop, strategy, *, max_examples: int = CI_EXAMPLES, **impl) -> Kill:
     """Draw cases from ``strategy``, call ``prop(case, **impl)`` and return the
     first failure; raise :class:`MutantSurvived` if there is none.
 
-    Shrinking is skipped: the question is only whether the property fails.
+    The ``ci`` profile's semantics: derandomized, no example database,
+    ``CI_EXAMPLES`` examples.  Shrinking is skipped: the question is only
+    whether the property fails.  A property that skips (pytest's skip, where
+    the backend cannot run the case) skips the caller too: never a catch.
     """
     count = 0
     first_error: list[BaseException] = []
@@ -69,5 +80,5 @@ def assert_caught(prop, strategy, *, max_examples: int = 100, **impl) -> Kill:
         return Kill(count, time.perf_counter() - start, message[0])
     raise MutantSurvived(
         f"{getattr(prop, '__name__', prop)} passed {count} examples against "
-        f"{ {k: getattr(v, '__name__', v) for k, v in impl.items()} }"
+        f"{ {k: getattr(v, '__name__', v) for k, v in impl.items()} }", count
     )

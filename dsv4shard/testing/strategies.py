@@ -264,3 +264,12 @@ def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | No
 def sharded_fusion_cases(**kwargs) -> st.SearchStrategy[FusionCase]:
     """Fusion cases sharded over 2 or 4 ranks first."""
     return fusion_cases(ranks=(2, 4), **kwargs)
+
+
+def global_scale_shard_cases(ranks: int | None = None) -> st.SearchStrategy[ShardCase]:
+    """Shard cases in nvfp4 with a per-expert global scale, on every backend:
+    drawn as plain nvfp4 (whose dtypes every backend runs), then given the
+    global scale.  Properties that run its kernels skip where the backend
+    has none; structural ones run everywhere."""
+    return shard_cases(ranks=ranks, quantized=True, formats=[NVFP4]).map(
+        lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE)))

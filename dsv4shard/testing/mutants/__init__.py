@@ -1,14 +1,24 @@
 """Known-bad implementations, and which property must catch each.
 
 A property that a broken implementation passes is itself broken, so every
-entry of ``CATALOGUE`` is run through the very property functions the suite
-uses, and must fail.
+entry of :func:`catalogue` is run through the very property functions the
+suite uses, and must fail (tests/test_known_bad.py, ``dsv4shard mutants``).
+
+Each entry draws its cases from a strategy of the suite, narrowed where
+useful to the region where its bug class lives (a clip bug gets clipped
+activations; a renormalisation bug gets a score_func that renormalises):
+filters and maps on the suite's strategies, never a change to a property,
+its bound or its assertions.  ``FOCUS`` holds those narrowings for entries
+that mutant modules declare themselves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+# The families of bug classes, as the mutant modules are named.
+FAMILIES = ("router", "activation", "shared", "switch", "fusion", "sharding", "quantization")
 
 
 @dataclass(frozen=True)
@@ -19,64 +29,225 @@ class Mutant:
     impl: dict[str, Any] = field(default_factory=dict)  # keyword -> broken part
 
     @property
+    def part(self):
+        """The broken part: the one implementation passed to the property."""
+        (part,) = self.impl.values()
+        return part
+
+    @property
+    def key(self) -> str:
+        """The keyword the broken part is passed as (build, route, shard, ...)."""
+        (key,) = self.impl
+        return key
+
+    @property
     def bug(self) -> str:
         """The docstring of the broken part: the bug class it stands for."""
-        (part,) = self.impl.values()
-        return (part.__doc__ or "").strip().splitlines()[0]
+        return (self.part.__doc__ or "").strip().splitlines()[0]
+
+    @property
+    def family(self) -> str:
+        """router, activation, shared, switch, fusion, sharding or quantization."""
+        return self.part.__module__.rsplit(".", 1)[-1]
+
+
+# --- where each bug class lives ------------------------------------------------
+
+
+def clipped(case) -> bool:
+    """Activations large enough to cross a positive clip limit."""
+    return case.config.swiglu_limit > 0 and case.activation_scale > 1
+
+
+def tightly_clipped(case) -> bool:
+    """Clipped at a small limit (L <= 1): where silu(L) and silu(-L) are far
+    from L and 0, so that look-alikes of the clip (after silu, two-sided)
+    differ by more than rounding even in low precision."""
+    return 0 < case.config.swiglu_limit <= 1 and case.activation_scale > 1
+
+
+def unclipped(case) -> bool:
+    """The clip disabled (limit <= 0)."""
+    return case.config.swiglu_limit <= 0
+
+
+def several_chosen(case) -> bool:
+    """k >= 2: with one expert a renormalised weight is 1 whatever the scores."""
+    return case.config.top_k >= 2
+
+
+def renormalising(case) -> bool:
+    return case.config.score_func != "softmax"
+
+
+def sqrtsoftplus(case) -> bool:
+    return case.config.score_func == "sqrtsoftplus"
+
+
+def sigmoid(case) -> bool:
+    return case.config.score_func == "sigmoid"
+
+
+def later_revision(case) -> bool:
+    """The revision whose shared expert is clipped."""
+    from reference.moe_block import Revision
+
+    return case.config.revision == Revision.SHARED_CLIPPED
+
+
+def score_layer(case) -> bool:
+    return not case.config.hash_routing
+
+
+def sorted_tokens(case) -> bool:
+    """indices.size past the sort threshold: SwitchGLU sorts by expert."""
+    from dsv4shard.testing.strategies import SORT_THRESHOLD
+
+    return case.n_tokens * case.config.top_k >= SORT_THRESHOLD
+
+
+def several_ranks(case) -> bool:
+    return case.ranks > 1
+
+
+def experts_to_spare(case) -> bool:
+    """A score layer with more experts than it chooses: a rank-local bias can
+    change the choice."""
+    return score_layer(case.moe) and case.moe.config.top_k < case.moe.config.n_experts
+
+
+def expert_per_rank(case) -> bool:
+    """At least one expert per rank: slicing along the expert axis slices."""
+    return case.ranks > 1 and case.moe.config.n_experts >= case.ranks
+
+
+def on_moe(predicate):
+    """A predicate on a MoECase, lifted to a case holding one as ``.moe``."""
+    return lambda case: predicate(case.moe)
+
+
+def focus(strategy, *predicates):
+    """``strategy`` narrowed to the cases meeting every predicate."""
+    for predicate in predicates:
+        strategy = strategy.filter(predicate)
+    return strategy
+
+
+# Narrowings of entries that modules declare (``entries()``) or that are made
+# from a module's contents (quantization): entry name -> predicates on its case.
+FOCUS = {
+    "fused_no_clip": (on_moe(clipped),),
+    "fused_no_clip_behaviour": (on_moe(clipped),),
+    "fused_sort_threshold_8": (lambda c: c.moe.n_tokens * c.moe.config.top_k >= 8,),
+    "shard_down_wrong_axis": (several_ranks,),
+    "shard_shared_left_whole": (several_ranks,),
+    "shard_rank_dependent_routing": (experts_to_spare,),
+    # The last element of a group reads the next group's scale: two groups or more.
+    "group_off_by_one": (lambda c: c.shape[-1] >= 2 * c.fmt.group_size,),
+    # Truncation differs from rounding only where something is rounded to
+    # bfloat16: affine scales stored in it, or any float format (whose
+    # dequantize_matches_mlx runs every output dtype).
+    "bfloat16_truncated": (lambda c: c.fmt.mode != "affine" or c.scales_dtype == "bfloat16",),
+    "global_scale_divided": (lambda c: c.fmt.global_scale,),
+}
 
 
 def catalogue() -> list[Mutant]:
     from dsv4shard.testing import strategies as s
     from dsv4shard.testing.mutants import activation as act
-    from dsv4shard.testing.mutants import router, switch
+    from dsv4shard.testing.mutants import router, shared, switch
     from dsv4shard.testing.properties import reference_edges as edges
     from dsv4shard.testing.properties import unfused
 
-    def moe():
-        return s.moe_cases()
+    def moe(*predicates, **kwargs):
+        return lambda: focus(s.moe_cases(**kwargs), *predicates)
 
-    def dense():
-        return s.moe_cases(quantized=False)
+    def dense(*predicates, **kwargs):
+        return lambda: focus(s.moe_cases(quantized=False, **kwargs), *predicates)
+
+    def clip(*predicates):
+        return lambda: focus(s.clip_cases(), *predicates)
+
+    def positive_limit(case):
+        return case.limit > 0
+
+    hashed = {"patterns": s.HASH_PATTERNS}
+    block = unfused.moe_matches_reference
+    extremes = unfused.moe_matches_reference_at_extremes
 
     entries = [
-        Mutant("clip_after_silu", unfused.moe_matches_reference, moe,
-               {"build": act.build_clip_after_silu}),
-        Mutant("two_sided_gate_clip", unfused.moe_matches_reference, moe,
-               {"build": act.build_two_sided_gate_clip}),
-        Mutant("activation_arguments_swapped", unfused.switch_glu_matches_reference, moe,
-               {"build": act.build_swapped_arguments}),
-        Mutant("bias_in_weights", unfused.moe_matches_reference, moe,
+        # --- router, MLX block ---
+        Mutant("softmax_for_sqrtsoftplus", block, moe(sqrtsoftplus, several_chosen),
+               {"build": router.build_softmax_for_sqrtsoftplus}),
+        Mutant("bias_in_weights", block, moe(score_layer, several_chosen),
                {"build": router.build_bias_in_weights}),
-        Mutant("no_renormalisation", unfused.moe_matches_reference, moe,
+        Mutant("no_renormalisation", block, moe(renormalising, several_chosen),
                {"build": router.build_no_renormalisation}),
-        Mutant("no_unsort", unfused.sorted_matches_unsorted, moe,
-               {"build": switch.build_no_unsort}),
-        Mutant("no_unsort_vs_reference", unfused.switch_glu_matches_reference, moe,
-               {"build": switch.build_no_unsort}),
-        Mutant("np_clip_after_silu", edges.clip_probes, s.clip_cases,
-               {"clipped_swiglu": act.clipped_swiglu_after_silu}),
-        Mutant("np_two_sided_gate_clip", edges.clip_probes, s.clip_cases,
-               {"clipped_swiglu": act.clipped_swiglu_two_sided_gate}),
-        Mutant("np_no_up_clip", edges.clip_probes, s.clip_cases,
-               {"clipped_swiglu": act.clipped_swiglu_no_up_clip}),
-        Mutant("np_limit_not_honoured", edges.clip_probes, s.clip_cases,
-               {"clipped_swiglu": act.clipped_swiglu_limit_always}),
-        Mutant("np_arguments_swapped", edges.clip_probes, s.clip_cases,
-               {"clipped_swiglu": act.clipped_swiglu_swapped}),
-        Mutant("np_bias_in_weights", edges.bias_chooses_never_weights, dense,
-               {"route": router.route_bias_in_weights}),
-        Mutant("np_no_renormalisation", edges.renormalisation_rule, dense,
-               {"route": router.route_no_renormalisation}),
-        Mutant("np_epsilon", edges.all_zero_scores_give_nan, dense,
+        Mutant("router_epsilon", extremes, moe(sigmoid),
+               {"build": router.build_epsilon}),
+        Mutant("naive_softplus", extremes, moe(sqrtsoftplus),
+               {"build": router.build_naive_softplus}),
+        Mutant("hash_table_ignored", block, moe(**hashed),
+               {"build": router.build_hash_table_ignored}),
+        Mutant("bfloat16_router_matmul", block, moe(several_chosen),
+               {"build": router.build_bfloat16_router}),
+        # --- router, the reference's own rules (NumPy twins) ---
+        Mutant("np_softmax_for_sqrtsoftplus", edges.renormalisation_rule,
+               dense(sqrtsoftplus, several_chosen),
+               {"route": router.route_softmax_for_sqrtsoftplus}),
+        Mutant("np_bias_in_weights", edges.bias_chooses_never_weights,
+               dense(score_layer, several_chosen), {"route": router.route_bias_in_weights}),
+        Mutant("np_no_renormalisation", edges.renormalisation_rule,
+               dense(renormalising, several_chosen), {"route": router.route_no_renormalisation}),
+        Mutant("np_epsilon", edges.all_zero_scores_give_nan, dense(renormalising),
                {"route_weights": router.route_weights_with_epsilon}),
-        Mutant("np_naive_softplus", edges.large_logits_stay_finite, dense,
+        Mutant("np_naive_softplus", edges.large_logits_stay_finite, dense(sqrtsoftplus),
                {"route": router.route_naive_softplus}),
-        Mutant("np_hash_table_ignored", edges.hash_ignores_bias, dense,
+        Mutant("np_hash_table_ignored", edges.hash_ignores_bias, dense(**hashed),
                {"route": router.route_hash_ignored}),
-        Mutant("np_hash_with_bias", edges.hash_ignores_bias, dense,
+        Mutant("np_hash_with_bias", edges.hash_ignores_bias, dense(**hashed),
                {"route": router.route_hash_with_bias}),
+        # --- clipped SwiGLU, MLX block ---
+        Mutant("clip_after_silu", block, moe(tightly_clipped),
+               {"build": act.build_clip_after_silu}),
+        Mutant("two_sided_gate_clip", block, moe(tightly_clipped),
+               {"build": act.build_two_sided_gate_clip}),
+        Mutant("no_up_clip", block, moe(clipped), {"build": act.build_no_up_clip}),
+        Mutant("limit_not_honoured", block, moe(unclipped),
+               {"build": act.build_limit_not_honoured}),
+        Mutant("activation_arguments_swapped", unfused.switch_glu_matches_reference, moe(),
+               {"build": act.build_swapped_arguments}),
+        # --- clipped SwiGLU, the reference's own (NumPy twins) ---
+        Mutant("np_clip_after_silu", edges.clip_probes, clip(positive_limit),
+               {"clipped_swiglu": act.clipped_swiglu_after_silu}),
+        Mutant("np_two_sided_gate_clip", edges.clip_probes, clip(positive_limit),
+               {"clipped_swiglu": act.clipped_swiglu_two_sided_gate}),
+        Mutant("np_no_up_clip", edges.clip_probes, clip(positive_limit),
+               {"clipped_swiglu": act.clipped_swiglu_no_up_clip}),
+        Mutant("np_limit_not_honoured", edges.clip_probes, clip(lambda c: c.limit <= 0),
+               {"clipped_swiglu": act.clipped_swiglu_limit_always}),
+        Mutant("np_arguments_swapped", edges.clip_probes, clip(),
+               {"clipped_swiglu": act.clipped_swiglu_swapped}),
+        # --- shared expert ---
+        Mutant("shared_unclipped", block, moe(clipped, later_revision),
+               {"build": shared.build_shared_unclipped}),
+        Mutant("shared_dropped", block, moe(), {"build": shared.build_shared_dropped}),
+        # --- SwitchGLU's sort machinery ---
+        Mutant("no_unsort", unfused.sorted_matches_unsorted, moe(sorted_tokens),
+               {"build": switch.build_no_unsort}),
+        Mutant("no_unsort_vs_reference", unfused.switch_glu_matches_reference,
+               moe(sorted_tokens), {"build": switch.build_no_unsort}),
     ]
-    return entries + _quantization_entries() + _module_entries()
+    found = entries + _quantization_entries() + _module_entries()
+    return [_focused(m) for m in found]
+
+
+def _focused(mutant: Mutant) -> Mutant:
+    predicates = FOCUS.get(mutant.name)
+    if not predicates:
+        return mutant
+    strategy = mutant.strategy
+    return Mutant(mutant.name, mutant.prop, lambda: focus(strategy(), *predicates), mutant.impl)
 
 
 def _module_entries() -> list[Mutant]:

@@ -97,29 +97,29 @@ def _with_routed_activation(block, activation):
 
 
 def build_clip_after_silu(config, weights, quant, dtype):
-    """Routed experts clip after silu."""
+    """Clip after silu: the MLX routed experts clip silu(gate), not gate."""
     return _with_routed_activation(build_block(config, weights, quant, dtype), ClipAfterSilu)
 
 
 def build_two_sided_gate_clip(config, weights, quant, dtype):
-    """Routed experts clip gate on both sides."""
+    """Two-sided gate clip: the MLX routed experts clip gate to [-L, L]."""
     return _with_routed_activation(build_block(config, weights, quant, dtype),
                                    TwoSidedGateClip)
 
 
 def build_swapped_arguments(config, weights, quant, dtype):
-    """Routed experts' activation reads (gate, up)."""
+    """Arguments swapped: the MLX routed experts' activation reads (gate, up)."""
     return _with_routed_activation(build_block(config, weights, quant, dtype),
                                    SwappedArguments)
 
 
 def build_no_up_clip(config, weights, quant, dtype):
-    """Routed experts never clip up."""
+    """No up clip: the MLX routed experts never clip up."""
     return _with_routed_activation(build_block(config, weights, quant, dtype), NoUpClip)
 
 
 def build_limit_not_honoured(config, weights, quant, dtype):
-    """Routed experts clip even when limit <= 0 (to |limit|)."""
+    """Limit <= 0 not honoured: the MLX routed experts clip to |limit| anyway."""
     return _with_routed_activation(build_block(config, weights, quant, dtype),
                                    LimitNotHonoured)
 
@@ -128,7 +128,7 @@ def build_limit_not_honoured(config, weights, quant, dtype):
 
 
 def clipped_swiglu_after_silu(gate, up, limit):
-    """The clip applied to silu(gate) rather than to gate."""
+    """Clip after silu: the clip applied to silu(gate) rather than to gate."""
     h = ref.silu(gate)
     if limit > 0:
         h, up = np.minimum(h, limit), np.clip(up, -limit, limit)
@@ -136,14 +136,14 @@ def clipped_swiglu_after_silu(gate, up, limit):
 
 
 def clipped_swiglu_two_sided_gate(gate, up, limit):
-    """gate clipped to [-L, L] instead of from above only."""
+    """Two-sided gate clip: gate clipped to [-L, L], not from above only."""
     if limit > 0:
         gate, up = np.clip(gate, -limit, limit), np.clip(up, -limit, limit)
     return ref.silu(gate) * up
 
 
 def clipped_swiglu_no_up_clip(gate, up, limit):
-    """Only gate is clipped; up passes unclipped."""
+    """No up clip: only gate is clipped; up passes unclipped."""
     if limit > 0:
         gate = np.minimum(gate, limit)
     return ref.silu(gate) * up

@@ -35,8 +35,10 @@ def dequantize_group_off_by_one(weight, scales, biases, fmt, global_scale=None,
 
 def dequantize_scales_biases_swapped(weight, scales, biases, fmt, global_scale=None,
                                      dtype="float32", scales_dtype=None):
-    """Scales and biases passed in each other's place (an argument-order bug):
-    ``bias * q + scale``.  Only affine has biases; the float formats are right."""
+    """Scales and biases swapped: passed in each other's place.
+
+    An argument-order bug: ``bias * q + scale``.  Only affine has biases;
+    the float formats are right."""
     if biases is None:
         return dequantize(weight, scales, biases, fmt, global_scale, dtype, scales_dtype)
     return dequantize(weight, biases, scales, fmt, global_scale, dtype, scales_dtype)
@@ -44,8 +46,10 @@ def dequantize_scales_biases_swapped(weight, scales, biases, fmt, global_scale=N
 
 def dequantize_bfloat16_truncated(weight, scales, biases, fmt, global_scale=None,
                                   dtype="float32", scales_dtype=None):
-    """bfloat16 made by truncating float32 (dropping the low 16 bits) instead of
-    rounding to nearest even, and once at the end instead of after each op."""
+    """bfloat16 by truncation: float32's low 16 bits dropped, not rounded.
+
+    Truncating instead of rounding to nearest even, and once at the end
+    instead of after each op."""
     if "bfloat16" not in (dtype, scales_dtype or dtype):
         return dequantize(weight, scales, biases, fmt, global_scale, dtype, scales_dtype)
     wide = dequantize(weight, scales, biases, fmt, global_scale, "float32", "float32")
@@ -55,8 +59,10 @@ def dequantize_bfloat16_truncated(weight, scales, biases, fmt, global_scale=None
 
 def dequantize_fused_multiply_add(weight, scales, biases, fmt, global_scale=None,
                                   dtype="float32", scales_dtype=None):
-    """``scale * q + bias`` rounded once, as a fused multiply-add would, where
-    MLX rounds the product and then the sum: a precision bug no tolerance sees."""
+    """Fused multiply-add: ``scale * q + bias`` rounded once, not twice.
+
+    As a fused multiply-add would, where MLX rounds the product and then the
+    sum: a precision bug no tolerance sees."""
     if biases is None:
         return dequantize(weight, scales, biases, fmt, global_scale, dtype, scales_dtype)
     stored = scales_dtype or dtype
@@ -68,9 +74,10 @@ def dequantize_fused_multiply_add(weight, scales, biases, fmt, global_scale=None
 
 def dequantize_global_scale_divided(weight, scales, biases, fmt, global_scale=None,
                                     dtype="float32", scales_dtype=None):
-    """nvfp4's global scale applied the other way round: group scales times
-    ``448 * 6 / global_scale`` (NVIDIA's encode scale) where MLX multiplies
-    by ``global_scale / (448 * 6)``."""
+    """nvfp4 global scale inverted: applied the other way round.
+
+    Group scales times ``448 * 6 / global_scale`` (NVIDIA's encode scale)
+    where MLX multiplies by ``global_scale / (448 * 6)``."""
     if global_scale is not None:
         global_scale = (448.0 * 6.0) ** 2 / np.asarray(global_scale, np.float64)
     return dequantize(weight, scales, biases, fmt, global_scale, dtype, scales_dtype)

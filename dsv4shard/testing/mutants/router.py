@@ -109,37 +109,37 @@ def _with_router(block, cls):
 
 
 def build_bias_in_weights(config, weights, quant, dtype):
-    """The router's weights include the bias."""
+    """Bias in the weights: the MLX router weighs experts by their biased scores."""
     return _with_router(build_block(config, weights, quant, dtype), RouterBiasInWeights)
 
 
 def build_no_renormalisation(config, weights, quant, dtype):
-    """The router never renormalises."""
+    """No renormalisation: the MLX router uses the chosen scores as they are."""
     return _with_router(build_block(config, weights, quant, dtype), RouterNoRenormalisation)
 
 
 def build_softmax_for_sqrtsoftplus(config, weights, quant, dtype):
-    """Softmax scores where the layer says sqrtsoftplus."""
+    """Softmax for sqrtsoftplus: the MLX router scores with softmax instead."""
     return _with_router(build_block(config, weights, quant, dtype), RouterSoftmaxForSqrtsoftplus)
 
 
 def build_epsilon(config, weights, quant, dtype):
-    """Renormalisation with an epsilon of 1e-8."""
+    """Epsilon 1e-8: the MLX router renormalises by sum(w) + 1e-8."""
     return _with_router(build_block(config, weights, quant, dtype), RouterEpsilon)
 
 
 def build_naive_softplus(config, weights, quant, dtype):
-    """Naive float32 softplus, log1p(exp(z)): overflows for large logits."""
+    """Naive softplus: the MLX router's float32 log1p(exp(z)) overflows past 88.7."""
     return _with_router(build_block(config, weights, quant, dtype), RouterNaiveSoftplus)
 
 
 def build_hash_table_ignored(config, weights, quant, dtype):
-    """Hash layers routed by score: the tid2eid table ignored."""
+    """Hash table ignored: the MLX router routes hash layers by score."""
     return _with_router(build_block(config, weights, quant, dtype), RouterHashTableIgnored)
 
 
 def build_bfloat16_router(config, weights, quant, dtype):
-    """Router matmul in bfloat16 instead of float32."""
+    """bfloat16 router matmul: the MLX router's logits in bfloat16, not float32."""
     return _with_router(build_block(config, weights, quant, dtype), RouterBFloat16Matmul)
 
 
@@ -147,21 +147,21 @@ def build_bfloat16_router(config, weights, quant, dtype):
 
 
 def route_bias_in_weights(x, weights, config, input_ids=None):
-    """Weights from scores + bias."""
+    """Bias in the weights: weights from scores + bias."""
     indices, _ = ref.route(x, weights, config, input_ids)
     biased = ref.scores(ref.router_logits(x, weights.gate), config.score_func) + weights.bias
     return indices, ref.route_weights(biased, indices, config)
 
 
 def route_no_renormalisation(x, weights, config, input_ids=None):
-    """Chosen scores never renormalised."""
+    """No renormalisation: chosen scores never renormalised."""
     indices, _ = ref.route(x, weights, config, input_ids)
     s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
     return indices, np.take_along_axis(s, indices, axis=-1) * config.route_scale
 
 
 def route_naive_softplus(x, weights, config, input_ids=None):
-    """sqrt(log1p(exp(z))): overflows to inf at large logits."""
+    """Naive softplus: sqrt(log1p(exp(z))) overflows to inf at large logits."""
     if config.score_func != "sqrtsoftplus":
         return ref.route(x, weights, config, input_ids)
     with np.errstate(over="ignore", invalid="ignore"):
@@ -174,8 +174,9 @@ def route_naive_softplus(x, weights, config, input_ids=None):
 
 
 def route_softmax_for_sqrtsoftplus(x, weights, config, input_ids=None):
-    """Softmax scores where score_func says sqrtsoftplus (renormalised as
-    sqrtsoftplus would be)."""
+    """Softmax for sqrtsoftplus: softmax scores where score_func says sqrtsoftplus.
+
+    Renormalised as sqrtsoftplus would be."""
     if config.score_func != "sqrtsoftplus":
         return ref.route(x, weights, config, input_ids)
     s = ref.softmax(ref.router_logits(x, weights.gate))
@@ -187,14 +188,13 @@ def route_softmax_for_sqrtsoftplus(x, weights, config, input_ids=None):
 
 
 def route_hash_ignored(x, weights, config, input_ids=None):
-    """A hash layer routed by score like any other: tid2eid never read."""
+    """Hash table ignored: a hash layer routed by score, tid2eid never read."""
     plain = ref.MoEConfig(**{**config.__dict__, "hash_routing": False})
     return ref.route(x, weights, plain, None)
 
 
 def route_hash_with_bias(x, weights, config, input_ids=None):
-    """A hash layer that still lets the bias pick among the table's experts
-    and the rest."""
+    """Hash layer biased: the bias still picks among the table's experts and the rest."""
     if not config.hash_routing:
         return ref.route(x, weights, config, input_ids)
     s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
@@ -205,8 +205,9 @@ def route_hash_with_bias(x, weights, config, input_ids=None):
 
 
 def route_weights_with_epsilon(token_scores, indices, config):
-    """An epsilon in the renormalisation: all-zero scores give 0, not NaN,
-    and tiny scores are renormalised to less than 1."""
+    """Epsilon 1e-8 in the renormalisation: all-zero scores give 0, not NaN.
+
+    And tiny scores are renormalised to less than 1."""
     w = np.take_along_axis(token_scores, indices, axis=-1)
     if config.score_func != "softmax":
         w = w / (w.sum(axis=-1, keepdims=True) + 1e-8)

@@ -10,7 +10,7 @@ from dsv4shard.shard import check_shardable, shard, shard_experts, shard_rows
 
 
 def shard_without_all_sum(block, group):
-    """The ranks' partial outputs are never added: each rank returns its own."""
+    """No all_sum: the ranks' partial outputs are never added."""
     shard(block, group)
     block.sharding_group = None
     return block
@@ -25,14 +25,14 @@ class TwiceSummed(MoEBlock):
 
 
 def shard_with_two_all_sums(block, group):
-    """One all_sum in the MoE wrapper and one more in the layer: N times the answer."""
+    """Two all_sums: one in the MoE wrapper, one in the layer: N times the answer."""
     shard(block, group)
     block.__class__ = TwiceSummed
     return block
 
 
 def shard_down_wrong_axis(block, group):
-    """down_proj sliced along its output axis, like gate/up, instead of its input."""
+    """Wrong axis: down_proj sliced along its output axis, not its input axis."""
     size, rank = group.size(), group.rank()
     check_shardable(block, size)
     for mlp in (block.switch_mlp, block.shared_experts):
@@ -43,7 +43,9 @@ def shard_down_wrong_axis(block, group):
 
 
 def shard_shared_left_whole(block, group):
-    """Routed experts sharded, the shared expert left whole, yet summed over
+    """Shared expert summed on every rank: left whole, yet all_summed.
+
+    Routed experts sharded, the shared expert left whole, yet summed over
     ranks: the shared output counted N times."""
     size, rank = group.size(), group.rank()
     check_shardable(block, size)
@@ -53,7 +55,7 @@ def shard_shared_left_whole(block, group):
 
 
 def shard_bias_on_every_rank(block, group):
-    """down_proj's linear bias kept on every rank: counted N times after the sum."""
+    """Bias counted N times: down_proj's linear bias kept on every rank."""
     bias = block.switch_mlp.down_proj.get("bias")
     shard(block, group)
     if bias is not None:
@@ -62,7 +64,9 @@ def shard_bias_on_every_rank(block, group):
 
 
 def shard_global_scale_by_expert(block, group):
-    """An nvfp4 global scale (one per expert) sliced along the expert axis as
+    """Global scale sliced by expert: nvfp4's per-expert scale split like a weight.
+
+    An nvfp4 global scale (one per expert) sliced along the expert axis as
     if it were a weight."""
     shard(block, group)
     size, rank = group.size(), group.rank()
@@ -76,8 +80,9 @@ def shard_global_scale_by_expert(block, group):
 
 
 def shard_rank_dependent_routing(block, group):
-    """Each rank perturbs its own copy of the router (a rank-local bias
-    update): ranks choose different experts."""
+    """Rank-dependent routing: ranks choose different experts.
+
+    Each rank perturbs its own copy of the router (a rank-local bias update)."""
     shard(block, group)
     rank = group.rank()
     if rank:
@@ -111,6 +116,11 @@ def entries():
     def real():
         return s.shard_cases(ranks=2)
 
+    def global_scale():
+        from dsv4shard.testing.mutants import expert_per_rank
+
+        return s.global_scale_shard_cases().filter(expert_per_rank)
+
     return [
         Mutant("shard_no_all_sum", p.real_ranks_match_unsharded, real,
                {"shard": shard_without_all_sum}),
@@ -126,4 +136,11 @@ def entries():
                {"shard": shard_bias_on_every_rank}),
         Mutant("shard_rank_dependent_routing", p.real_ranks_match_unsharded, real,
                {"shard": shard_rank_dependent_routing}),
+        # Runs gather_qmm with a global scale: skips, with the reason, on a
+        # backend without it (MLX's CPU build), never passing for a catch.
+        Mutant("shard_global_scale_by_expert", p.sharded_matches_unsharded, global_scale,
+               {"shard": shard_global_scale_by_expert}),
+        # Structural: runs no kernel, so every backend catches it.
+        Mutant("shard_global_scale_by_expert_structure", p.shard_holds_its_slice,
+               global_scale, {"shard": shard_global_scale_by_expert}),
     ]

@@ -23,8 +23,9 @@ class SharedExpertDropped(SharedExpert):
 
 
 def build_shared_unclipped(config, weights, quant, dtype):
-    """Shared expert unclipped under the later revision (the first release's
-    rule kept where the layer says shared-clipped)."""
+    """Shared expert unclipped under the later revision (shared-clipped).
+
+    The first release's rule kept where the layer says shared-clipped."""
     block = build_block(config, weights, quant, dtype)
     block.shared_experts.activation = ClippedSwiGLU(0.0)
     return block

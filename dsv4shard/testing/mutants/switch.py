@@ -29,7 +29,7 @@ class SwitchGLUNoUnsort(SwitchGLU):
 
 
 def build_no_unsort(config, weights, quant, dtype):
-    """SwitchGLU that forgets to unsort."""
+    """No unsort: SwitchGLU sorts tokens by expert and never unsorts them."""
     block = build_block(config, weights, quant, dtype)
     block.switch_mlp.__class__ = SwitchGLUNoUnsort
     return block

@@ -1,0 +1,311 @@
+"""The kill matrix: every catalogued mutant against EVERY property of its kind.
+
+A mutant's kind is the keyword its broken part is passed as (``build``,
+``route``, ``shard``, ``fuse_impl``, ...) and the type of case its property
+takes; the properties of that kind are all functions of the modules in
+``dsv4shard.testing.properties`` that take such a case and that keyword.
+Each cell runs ``assert_caught`` with the ``ci`` profile's semantics
+(derandomized, ``CI_EXAMPLES`` examples): caught (examples until the first
+failure), missed, or skipped where the backend cannot run the case.
+
+A cell uses the mutant's own strategy (the region of its bug class) whenever
+the property takes the same cases; a property that needs real ranks, run
+against a mutant listed with virtual ones, draws the suite's 2-rank cases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+
+from dsv4shard.testing.catch import CI_EXAMPLES, MutantSurvived, assert_caught
+
+CAUGHT, MISSED, SKIPPED, ERROR = "caught", "missed", "skipped", "error"
+
+
+@dataclass
+class Cell:
+    mutant: str
+    prop: str
+    listed: bool  # the property the catalogue (and tests/test_known_bad.py) pairs it with
+    result: str  # caught, missed, skipped or error
+    examples: int  # until the first failure (caught), or all run (missed)
+    seconds: float
+    detail: str  # the failure's first line, the skip reason, or the error
+
+
+# --- properties and their kinds ---------------------------------------------------
+
+
+def properties() -> list:
+    """Every property function of the suite: a public function of a module of
+    ``dsv4shard.testing.properties`` whose first parameter is ``case`` and
+    that reports through ``fail`` (helpers taking a case do not)."""
+    import dsv4shard.testing.properties as package
+
+    found = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, fn in sorted(vars(module).items()):
+            if (inspect.isfunction(fn) and fn.__module__ == module.__name__
+                    and not name.startswith("_")):
+                params = list(inspect.signature(fn).parameters)
+                if (params and params[0] == "case" and len(params) > 1
+                        and "fail" in fn.__code__.co_names):
+                    found.append(fn)
+    return found
+
+
+def case_type(prop) -> str:
+    annotation = inspect.signature(prop).parameters["case"].annotation
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+
+
+def needs_real_ranks(prop) -> bool:
+    return "pool" in inspect.signature(prop).parameters
+
+
+def kin(mutant, props) -> list:
+    """The properties of ``mutant``'s kind, its own first."""
+    same = [p for p in props if mutant.key in inspect.signature(p).parameters
+            and case_type(p) == case_type(mutant.prop) and p is not mutant.prop]
+    return [mutant.prop] + same
+
+
+def strategy_for(mutant, prop):
+    if needs_real_ranks(prop) and not needs_real_ranks(mutant.prop):
+        from dsv4shard.testing import strategies as s
+
+        return s.shard_cases(ranks=2)
+    return mutant.strategy()
+
+
+# --- running cells ----------------------------------------------------------------
+
+_CATALOGUE: dict = {}
+
+
+def _lookup(name: str):
+    if not _CATALOGUE:
+        from dsv4shard.testing.mutants import catalogue
+
+        _CATALOGUE.update({m.name: m for m in catalogue()})
+    return _CATALOGUE[name]
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def run_cell(mutant, prop, examples: int = CI_EXAMPLES) -> Cell:
+    """One mutant against one property of its kind."""
+    import pytest
+
+    name, listed = qualified(prop), prop is mutant.prop
+    start = time.perf_counter()
+    try:
+        kill = assert_caught(prop, strategy_for(mutant, prop), max_examples=examples,
+                             **mutant.impl)
+        return Cell(mutant.name, name, listed, CAUGHT, kill.examples,
+                    round(kill.seconds, 3), kill.error)
+    except MutantSurvived as survived:
+        result, count, detail = MISSED, survived.examples, str(survived)
+    except pytest.skip.Exception as skip:
+        result, count, detail = SKIPPED, 0, first_line(skip)
+    except Exception as error:  # noqa: BLE001 - a cell that cannot run is reported
+        result, count, detail = ERROR, 0, f"{type(error).__name__}: {first_line(error)}"
+    return Cell(mutant.name, name, listed, result, count,
+                round(time.perf_counter() - start, 3), detail)
+
+
+def _run_named(mutant_name: str, prop_name: str, examples: int) -> Cell:
+    """``run_cell`` in a worker process, by names (catalogue entries only)."""
+    mutant = _lookup(mutant_name)
+    prop = next(p for p in kin(mutant, properties()) if qualified(p) == prop_name)
+    return run_cell(mutant, prop, examples)
+
+
+def qualified(prop) -> str:
+    return f"{prop.__module__.rsplit('.', 1)[-1]}.{prop.__name__}"
+
+
+def _worker_init():
+    """Rank pools a worker starts are closed when it exits (multiprocessing
+    children skip atexit)."""
+    from multiprocessing.util import Finalize
+
+    from dsv4shard.ranks import shared
+
+    Finalize(None, shared.close_all, exitpriority=10)
+
+
+def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=None) -> list[Cell]:
+    """Every cell of ``mutants`` x their kinds' properties, over ``jobs``
+    processes (catalogue entries only: workers find them by name; one job
+    runs any ``Mutant``); ``progress(cell)`` is called as each completes."""
+    props = properties()
+    tasks = [(m, p) for m in mutants for p in kin(m, props)]
+    cells = []
+    if jobs <= 1:
+        for mutant, prop in tasks:
+            cells.append(run_cell(mutant, prop, examples))
+            if progress:
+                progress(cells[-1])
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = [pool.submit(_run_named, m.name, qualified(p), examples)
+                       for m, p in tasks]
+            for future in futures:
+                cells.append(future.result())
+                if progress:
+                    progress(cells[-1])
+    return cells
+
+
+# --- the report -------------------------------------------------------------------
+
+
+def verdicts(mutants, cells) -> dict[str, dict]:
+    """Per mutant: killed (some property caught it), skipped (its own property
+    cannot run here and no other caught it) or survived; and how."""
+    out = {}
+    for m in mutants:
+        mine = [c for c in cells if c.mutant == m.name]
+        caught = [c for c in mine if c.result == CAUGHT]
+        own = next(c for c in mine if c.listed)
+        if caught:
+            status = "killed"
+        elif own.result == SKIPPED:
+            status = "skipped"
+        else:
+            status = "survived"
+        out[m.name] = {
+            "status": status, "family": m.family, "bug": m.bug, "property": own.prop,
+            "own_result": own.result, "own_examples": own.examples,
+            "caught_by": [c.prop for c in caught],
+            "skip_reason": own.detail if own.result == SKIPPED else "",
+        }
+    return out
+
+
+def summary(mutants, cells, wall: float, examples: int = CI_EXAMPLES) -> dict:
+    v = verdicts(mutants, cells)
+    killed = [n for n, x in v.items() if x["status"] == "killed"]
+    own_kills = [x["own_examples"] for x in v.values() if x["own_result"] == CAUGHT]
+    return {
+        "mutants": len(mutants),
+        "killed": len(killed),
+        "skipped": sorted(n for n, x in v.items() if x["status"] == "skipped"),
+        "survived": sorted(n for n, x in v.items() if x["status"] == "survived"),
+        "median_examples_to_kill": statistics.median(own_kills) if own_kills else None,
+        "max_examples_to_kill": max(own_kills) if own_kills else None,
+        "cells": len(cells),
+        "cells_caught": sum(c.result == CAUGHT for c in cells),
+        "cells_missed": sum(c.result == MISSED for c in cells),
+        "cells_skipped": sum(c.result == SKIPPED for c in cells),
+        "cells_error": sum(c.result == ERROR for c in cells),
+        "cell_seconds": round(sum(c.seconds for c in cells), 2),
+        "wall_seconds": round(wall, 2),
+        "examples_per_cell": examples,
+    }
+
+
+def _cell_text(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    star = "*" if cell.listed else ""
+    if cell.result == CAUGHT:
+        return f"{star}caught @{cell.examples}, {cell.seconds:.2f}s"
+    if cell.result == MISSED:
+        return f"{star}missed ({cell.examples}), {cell.seconds:.2f}s"
+    return f"{star}{cell.result}"
+
+
+def markdown(mutants, cells, wall: float, examples: int = CI_EXAMPLES) -> str:
+    """Per kind, a table of its mutants x its properties; then the verdicts
+    and the summary.  ``*`` marks the property a mutant is listed with."""
+    by_mutant = {}
+    for c in cells:
+        by_mutant.setdefault(c.mutant, {})[c.prop] = c
+    kinds: dict[tuple, list] = {}
+    for m in mutants:
+        kinds.setdefault((m.key, case_type(m.prop)), []).append(m)
+    lines = ["## Kill matrix", "",
+             "Cell: caught @N = the first failure came at example N; missed (N) = N examples "
+             "passed; `*` = the property the catalogue lists the mutant with "
+             "(tests/test_known_bad.py runs that cell).", ""]
+    for (key, ctype), members in kinds.items():
+        columns = []
+        for m in members:
+            for prop in by_mutant.get(m.name, {}):
+                if prop not in columns:
+                    columns.append(prop)
+        lines += [f"### `{key}` ({ctype})", "",
+                  "| mutant | " + " | ".join(f"`{p}`" for p in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for m in members:
+            row = by_mutant.get(m.name, {})
+            lines.append(f"| {m.name} | " + " | ".join(_cell_text(row.get(p)) for p in columns)
+                         + " |")
+        lines.append("")
+    v = verdicts(mutants, cells)
+    lines += ["## Mutants", "", "| mutant | family | bug class | listed property | examples "
+              "to kill | verdict |", "|---|---|---|---|---|---|"]
+    for m in mutants:
+        x = v[m.name]
+        shown = x["own_examples"] if x["own_result"] == CAUGHT else x["own_result"]
+        verdict = x["status"] + (f" ({x['skip_reason']})" if x["skip_reason"] else "")
+        if x["status"] == "killed" and x["own_result"] != CAUGHT:
+            verdict += f" by {', '.join(x['caught_by'])}"
+        lines.append(f"| {m.name} | {m.family} | {m.bug.replace('|', '/')} | {x['property']} | "
+                     f"{shown} | {verdict.replace('|', '/')} |")
+    s = summary(mutants, cells, wall, examples)
+    lines += ["", "## Summary", "",
+              f"- killed: {s['killed']} / {s['mutants']} mutants"
+              + (f"; skipped on this backend: {', '.join(s['skipped'])}" if s["skipped"] else "")
+              + (f"; SURVIVED: {', '.join(s['survived'])}" if s["survived"] else ""),
+              f"- examples to kill by the listed property: median {s['median_examples_to_kill']}"
+              f", max {s['max_examples_to_kill']} (budget {examples} a cell, derandomized)",
+              f"- cells: {s['cells']} ({s['cells_caught']} caught, {s['cells_missed']} missed, "
+              f"{s['cells_skipped']} skipped, {s['cells_error']} errors)",
+              f"- seconds: {s['cell_seconds']} in cells, {s['wall_seconds']} wall"]
+    return "\n".join(lines)
+
+
+def to_json(mutants, cells, wall: float, examples: int) -> dict:
+    s = summary(mutants, cells, wall, examples)
+    return {"summary": s, "mutants": verdicts(mutants, cells),
+            "cells": [asdict(c) for c in cells]}
+
+
+def main(args) -> int:
+    """``dsv4shard mutants``: print the matrix; exit 1 if a mutant survives
+    every property of its kind (skipped ones do not count)."""
+    from dsv4shard.testing.mutants import catalogue
+
+    mutants = catalogue()
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in mutants})
+        if unknown:
+            print(f"dsv4shard mutants: unknown mutant(s) {unknown}")
+            return 2
+        mutants = [m for m in mutants if m.name in args.only]
+    jobs = args.jobs or os.cpu_count() or 1
+    start = time.perf_counter()
+    cells = run_matrix(mutants, args.examples, jobs)
+    wall = time.perf_counter() - start
+    print(markdown(mutants, cells, wall, args.examples))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(mutants, cells, wall, args.examples), f, indent=2)
+    return 1 if summary(mutants, cells, wall)["survived"] else 0

@@ -1,0 +1,60 @@
+"""``dsv4shard mutants``: the kill matrix, its verdicts and its exit status."""
+
+import json
+
+import reference as ref
+from dsv4shard import backend
+from dsv4shard.cli import main
+from dsv4shard.testing import matrix
+from dsv4shard.testing import strategies as s
+from dsv4shard.testing.mutants import Mutant, catalogue
+from dsv4shard.testing.properties import reference_edges as edges
+
+
+def test_every_listed_property_is_in_the_matrix():
+    props = matrix.properties()
+    for m in catalogue():
+        assert m.prop in props, m.name
+        assert matrix.kin(m, props)[0] is m.prop
+
+
+def test_kind_is_keyword_and_case_type():
+    by_name = {m.name: m for m in catalogue()}
+    kin = [matrix.qualified(p) for p in matrix.kin(by_name["np_epsilon"], matrix.properties())]
+    assert kin == ["reference_edges.all_zero_scores_give_nan"]
+    kin = {matrix.qualified(p) for p in matrix.kin(by_name["no_up_clip"], matrix.properties())}
+    assert kin == {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
+                   "unfused.sorted_matches_unsorted",
+                   "unfused.moe_matches_reference_at_extremes"}
+
+
+def test_command_prints_the_matrix_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "matrix.json"
+    rc = main(["mutants", "--only", "np_epsilon", "--only", "np_two_sided_gate_clip",
+               "--jobs", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "## Kill matrix" in printed and "- killed: 2 / 2 mutants" in printed
+    result = json.loads(out.read_text())
+    assert result["summary"]["killed"] == 2 and result["summary"]["survived"] == []
+    assert {c["result"] for c in result["cells"]} == {"caught"}
+    assert all(c["examples"] >= 1 and c["seconds"] >= 0 for c in result["cells"])
+
+
+def test_a_survivor_is_reported_as_such():
+    correct = Mutant("the_reference_itself", edges.clip_probes, s.clip_cases,
+                     {"clipped_swiglu": ref.clipped_swiglu})
+    cells = matrix.run_matrix([correct], examples=5)
+    assert [(c.result, c.examples) for c in cells] == [("missed", 5)]
+    assert matrix.summary([correct], cells, 0.0)["survived"] == ["the_reference_itself"]
+
+
+def test_a_mutant_only_a_kernel_can_catch_skips_where_the_backend_has_none():
+    (m,) = [m for m in catalogue() if m.name == "fused_ignores_global_scale"]
+    cells = matrix.run_matrix([m], examples=3)
+    verdict = matrix.verdicts([m], cells)[m.name]
+    if backend.unsupported(s.NVFP4_GLOBAL_SCALE, "float32"):
+        assert verdict["status"] == "skipped" and "GPU only" in verdict["skip_reason"]
+        assert matrix.summary([m], cells, 0.0)["survived"] == []
+    else:
+        assert verdict["status"] == "killed"
