@@ -137,6 +137,12 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", metavar="MUTANT",
                    help="run only this mutant (repeatable)")
     p.set_defaults(func=mutants)
+    p = sub.add_parser("bench", help="fused against unfused experts on this backend: latency, "
+                                     "launches, bytes, bandwidth against the peak, memory")
+    from dsv4shard import bench
+
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
     args = parser.parse_args(argv)
     return args.func(args)
 
