@@ -6,38 +6,17 @@ from hypothesis import HealthCheck, settings
 
 # Deadlines are off everywhere: under xdist two workers share two cores and an
 # MLX kernel's first call compiles, so wall time per example is not a signal.
-settings.register_profile(
-    "default",
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "ci",
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-settings.register_profile(
-    "thorough",
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+EVERYWHERE = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Reproducible runs: the same examples every time, nothing remembered, and a
+# blob to replay any failure.
+REPRODUCIBLE = dict(derandomize=True, database=None, print_blob=True)
+
+settings.register_profile("default", max_examples=25, **EVERYWHERE)
+settings.register_profile("ci", max_examples=25, **EVERYWHERE, **REPRODUCIBLE)
+settings.register_profile("thorough", max_examples=400, **EVERYWHERE)
 # For backends where every new shape compiles a kernel (a GPU), a few
-# derandomized examples per property: a smoke run of the same properties.
-settings.register_profile(
-    "smoke",
-    max_examples=6,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+# examples per property: a smoke run of the same properties.
+settings.register_profile("smoke", max_examples=6, **EVERYWHERE, **REPRODUCIBLE)
 settings.load_profile(
     os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "default")
 )
