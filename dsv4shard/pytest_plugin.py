@@ -7,27 +7,21 @@ Options choose the implementation under test and where real ranks run:
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
+
+from dsv4shard import impl
 
 DEFAULT_FUSE_IMPL = "dsv4shard.fuse:install_fused"
 DEFAULT_SHARD_IMPL = "dsv4shard.shard:shard"
 
 
 def load_impl(spec: str, option: str = "implementation"):
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise pytest.UsageError(f"{option} wants MODULE:FUNCTION, got {spec!r}")
     try:
-        found = importlib.import_module(module)
-    except ImportError as error:
-        raise pytest.UsageError(f"{option} {spec}: cannot import {module}: {error}") from error
-    impl = getattr(found, attr, None)
-    if not callable(impl):
-        raise pytest.UsageError(f"{option} {spec}: {module} has no function {attr!r}")
-    return impl
+        return impl.load(spec)
+    except ValueError as error:
+        raise pytest.UsageError(f"{option}: {error}") from error
 
 
 def pytest_addoption(parser):

@@ -13,6 +13,7 @@ import traceback
 import mlx.core as mx
 import numpy as np
 
+from dsv4shard import impl
 from dsv4shard.ranks import wire
 
 
@@ -25,13 +26,6 @@ def protocol_stream():
     return os.fdopen(fd, "w", buffering=1)
 
 
-def load(spec: str):
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def run_moe(job: dict, group) -> dict:
     """Build the case's block, shard it with the function under test, run it
     (the block all_sums inside), and return the output and chosen experts."""
@@ -42,9 +36,9 @@ def run_moe(job: dict, group) -> dict:
     case = parse_case(job["case"])
     block = build_block(case.config, data.make_weights(case), case.quant, case.dtype)
     block.reduce_in_activation_dtype = job.get("reduce") == "activation"
-    block = load(job["shard"])(block, group) or block
+    block = impl.load(job["shard"])(block, group) or block
     if job.get("fuse"):
-        fused = load(job["fuse"])(block.switch_mlp)
+        fused = impl.load(job["fuse"])(block.switch_mlp)
         if fused is not None:
             block.switch_mlp = fused
     x = mx.array(data.make_tokens(case), dtype=mx.float32).astype(DTYPES[case.dtype])
@@ -76,8 +70,8 @@ def run_model(job: dict, group) -> dict:
     from dsv4shard.tiny_model import tiny_v41
 
     model = tiny_v41(job["seed"], job["layers"])
-    fuse = load(job["fuse"]) if job.get("fuse") else None
-    load(job["shard"])(model, group, fuse=fuse)
+    fuse = impl.load(job["fuse"]) if job.get("fuse") else None
+    impl.load(job["shard"])(model, group, fuse=fuse)
     logits = model(mx.array([job["tokens"]], dtype=mx.int32))
     mx.eval(logits)
     return {"logits": wire.encode_array(np.array(logits))}

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import shlex
 
+from dsv4shard.impl import spec_of
+
 
 def reproducer(prop, case, **impl) -> str:
     """A shell line that reruns ``prop`` on ``case`` (and the named
     implementations) through ``python -m dsv4shard.testing.repro``."""
     parts = ["python", "-m", "dsv4shard.testing.repro", prop.__name__, repr(case)]
     for key, value in impl.items():
-        parts.append(f"--{key}={value.__module__}:{value.__qualname__}")
+        parts.append(f"--{key}={spec_of(value)}")
     return shlex.join(parts)
 
 

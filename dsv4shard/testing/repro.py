@@ -10,6 +10,7 @@ import argparse
 import importlib
 import pkgutil
 
+from dsv4shard.impl import load as load_impl
 from dsv4shard.testing import properties, strategies
 from reference.moe_block import MoEConfig, Revision
 from reference.quantization import QuantFormat
@@ -23,17 +24,11 @@ def find_property(name: str):
     raise SystemExit(f"no property named {name!r} in dsv4shard.testing.properties")
 
 
-def load(spec: str):
-    module, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def parse_case(text: str):
-    """A case from its printed repr (a failure message prints it)."""
-    from dsv4shard.testing import strategies as s
-
-    namespace = {**vars(s), "MoEConfig": MoEConfig, "Revision": Revision,
-                 "QuantFormat": QuantFormat}
+def parse_case(text: str, module=None):
+    """A case from its printed repr (a failure message prints it); names of
+    ``module`` (a property's own case classes) resolve too."""
+    namespace = {**vars(strategies), **(vars(module) if module else {}),
+                 "MoEConfig": MoEConfig, "Revision": Revision, "QuantFormat": QuantFormat}
     return eval(text, namespace)
 
 
@@ -43,13 +38,11 @@ def main(argv=None):
     parser.add_argument("case")
     args, rest = parser.parse_known_args(argv)
     prop, module = find_property(args.property)
-    namespace = {**vars(strategies), **vars(module), "MoEConfig": MoEConfig,
-                 "Revision": Revision, "QuantFormat": QuantFormat}
-    case = eval(args.case, namespace)  # the case's own repr, printed by a failure
+    case = parse_case(args.case, module)
     impl = {}
     for item in rest:
         key, _, spec = item.removeprefix("--").partition("=")
-        impl[key] = load(spec)
+        impl[key] = load_impl(spec)
     prop(case, **impl)
     print(f"{args.property}: passed")
 

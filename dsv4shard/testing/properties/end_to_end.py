@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from dsv4shard.impl import spec_of as spec
 from dsv4shard.ranks import shared, wire
 from dsv4shard.testing import tolerance
-from dsv4shard.testing.properties.sharded import spec
 from dsv4shard.testing.report import fail
 from dsv4shard.tiny_model import TINY_V41, shard_moe_only, tiny_v41
 

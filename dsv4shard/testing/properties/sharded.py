@@ -14,6 +14,7 @@ import pytest
 
 import reference as ref
 from dsv4shard import backend
+from dsv4shard.impl import spec_of as spec
 from dsv4shard.ranks import shared, wire
 from dsv4shard.shard import shard as our_shard
 from dsv4shard.shard import shard_block
@@ -22,11 +23,6 @@ from dsv4shard.testing.properties.unfused import assume_clear_choice, built, inp
 from dsv4shard.testing.report import fail
 from dsv4shard.testing.strategies import ShardCase
 from dsv4shard.weights import DTYPES, build_block, read_weights, to_numpy
-
-
-def spec(fn) -> str:
-    """``module:function``, how a rank process finds a function."""
-    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 def sharded_bound(case: ShardCase, x, weights, ids):
