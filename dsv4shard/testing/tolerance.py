@@ -22,6 +22,15 @@ F32 = UNIT_ROUNDOFF["float32"]
 TF32 = 2.0**-11
 
 
+def underflow_floor(dtype: str, terms: int) -> float:
+    """Absolute error of ``terms`` roundings that may underflow: each can lose
+    up to the smallest subnormal of ``dtype`` or of float32, whichever is
+    larger (values far below it, such as 1e-91, come back as 0)."""
+    tiny = max(float(np.finfo(np.float32).smallest_subnormal),
+               {"float32": 0.0, "float16": 2.0**-24, "bfloat16": 2.0**-133}[dtype])
+    return terms * tiny
+
+
 def matmul_roundoff(dtype: str) -> float:
     """Unit roundoff of a matmul in ``dtype`` on the running backend."""
     from dsv4shard import backend
@@ -132,7 +141,7 @@ def switch_glu_bound(x, indices, weights, limit, dtype):
         token, slot = np.nonzero(indices == e)
         _, err = mlp_bound(x[token], *expert_args(weights, e, limit, u))
         bound[token, slot] = err
-    return bound
+    return bound + underflow_floor(dtype, x.shape[1] + weights.w1.shape[1] + 4)
 
 
 def moe_bound(x, weights, config, dtype, input_ids=None):
@@ -155,7 +164,9 @@ def moe_bound(x, weights, config, dtype, input_ids=None):
     shared, e_shared = mlp_bound(x, weights.shared_w1, weights.shared_w3, weights.shared_w2,
                                  ref.shared_expert_limit(config), u)
     out = routed + shared
-    return bound + e_shared + C * F32 * np.abs(out) + u * np.abs(out)
+    terms = x.shape[1] + weights.w1.shape[1] + indices.shape[1] + 8
+    return (bound + e_shared + C * F32 * np.abs(out) + u * np.abs(out)
+            + underflow_floor(dtype, terms))
 
 
 @dataclass(frozen=True)
