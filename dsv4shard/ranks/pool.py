@@ -95,6 +95,7 @@ class RankPool:
             except subprocess.TimeoutExpired:
                 pass
         self._kill()
+        self._release()
 
     def _kill(self) -> None:
         for proc in self.procs:
@@ -104,12 +105,17 @@ class RankPool:
                 except ProcessLookupError:
                     pass
                 proc.wait()
+
+    def _release(self) -> None:
+        """Close every pipe and stderr file the pool opened."""
         for proc in self.procs:
             for stream in (proc.stdin, proc.stdout):
                 try:
                     stream.close()
                 except OSError:
                     pass
+        for f in self.stderr_files:
+            f.close()
 
     def __enter__(self):
         return self.start()
@@ -127,7 +133,7 @@ class RankPool:
         """Send ``job`` to every rank; return the answers by rank.  Raises
         RankFailure (and tears the pool down) on death, hang or error."""
         if not self.alive:
-            raise RankFailure("the rank pool is not running: " + self._stderr_tails())
+            raise RankFailure("the rank pool is not running (a failure already stopped it)")
         line = wire.dumps(job)
         for rank, proc in enumerate(self.procs):
             try:
@@ -185,4 +191,6 @@ class RankPool:
 
     def _fail(self, reason: str):
         self._kill()
-        raise RankFailure(f"{reason}\n{self._stderr_tails()}")
+        message = f"{reason}\n{self._stderr_tails()}"
+        self._release()
+        raise RankFailure(message)
