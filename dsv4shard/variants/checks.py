@@ -169,6 +169,13 @@ def compare_route(built, x_mx, weights, config, ids=None, what=""):
     return got_i, got_w, want_w, bound, keep
 
 
+def check_route(built, x_mx, weights, config, ids=None, what="") -> None:
+    """The router's sets (compare_route), then its weights (route_diagnosis)."""
+    got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config, ids, what)
+    route_diagnosis(got_w, want_w, bound, keep, config,
+                    scores_of(to_numpy(x_mx), weights, config), got_i, what)
+
+
 def route_diagnosis(got_w, want_w, bound, keep, config, token_scores, indices, what="") -> None:
     bad = tolerance.worst_mismatch(got_w[keep], want_w[keep], bound[keep])
     if bad is None:
@@ -513,9 +520,7 @@ def bias_chooses_only(variant: Variant) -> str:
     weights = data.weights(setting, 6)  # a small random bias: shifts choices only
     built.load(weights)
     x_mx = data.tokens(24, 6)
-    got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config)
-    route_diagnosis(got_w, want_w, bound, keep, config, scores_of(to_numpy(x_mx), weights, config),
-                    got_i, "random bias: ")
+    check_route(built, x_mx, weights, config, what="random bias: ")
     return "a +10 bias forces the set; the weights stay the unbiased scores'"
 
 
@@ -529,10 +534,7 @@ def renormalisation(variant: Variant) -> str:
         weights = data.weights(setting, 10 + k)
         built = variant.build(setting, weights)
         x_mx = data.tokens(32, 10 + k)
-        got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config,
-                                                          what=f"k = {k}: ")
-        route_diagnosis(got_w, want_w, bound, keep, config,
-                        scores_of(to_numpy(x_mx), weights, config), got_i, f"k = {k}: ")
+        check_route(built, x_mx, weights, config, what=f"k = {k}: ")
     return "weights sum to route_scale and equal the renormalised scores (k = 2, 6)"
 
 
@@ -548,9 +550,9 @@ def softmax_not_renormalised(variant: Variant) -> str:
     built = variant.build(setting, weights)
     x_mx = data.tokens(32, 20)
     got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config)
-    s = scores_of(to_numpy(x_mx), weights, config)
-    try:
-        route_diagnosis(got_w, want_w, bound, keep, config, s, got_i)
+    try:  # the sets agree; only how the weights depart says "renormalised"
+        route_diagnosis(got_w, want_w, bound, keep, config,
+                        scores_of(to_numpy(x_mx), weights, config), got_i)
     except Departure as d:
         variant.properties["softmax_renormalised"] = "renormalised" in str(d) \
             and "not renormalised" not in str(d)
@@ -645,9 +647,7 @@ def softplus_overflow(variant: Variant) -> str:
         t = int(np.nonzero(~np.all(np.isfinite(got_w), -1))[0][0])
         raise Departure(f"non-finite weights {got_w[t].tolist()} at a logit of "
                         f"{[89, 100, 1000, 0, 0, 0][t]} (softplus overflows)")
-    got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config)
-    route_diagnosis(got_w, want_w, bound, keep, config, scores_of(to_numpy(x_mx), weights, config),
-                    got_i, "large logits: ")
+    check_route(built, x_mx, weights, config, what="large logits: ")
     return "finite and equal to the reference at logits 89, 100, 1000"
 
 
@@ -662,9 +662,7 @@ def k_equals_experts(variant: Variant) -> str:
     got_i, _ = built.route(x_mx)
     if not np.all(np.sort(got_i, -1) == np.arange(8)):
         raise Departure(f"k = E = 8 chose {fmt_set(got_i[0])} for token 0")
-    got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config)
-    route_diagnosis(got_w, want_w, bound, keep, config, scores_of(to_numpy(x_mx), weights, config),
-                    got_i, "k = E: ")
+    check_route(built, x_mx, weights, config, what="k = E: ")
     compare_block(built, x_mx, config, "float32", "k = E block")
     return "k = E = 8 chooses every expert; the block equals the reference"
 
@@ -706,9 +704,7 @@ def hash_routing(variant: Variant) -> str:
         t = int(bad[0])
         raise Departure(f"token {t} (id {ids[t]}) routed to {fmt_set(got_i[t])}, its table row is "
                         f"{fmt_set(table[t])} ({bad.size} of {n} tokens differ)")
-    got_i, got_w, want_w, bound, keep = compare_route(built, x_mx, weights, config, ids)
-    route_diagnosis(got_w, want_w, bound, keep, config, scores_of(to_numpy(x_mx), weights, config),
-                    got_i, "hash layer: ")
+    check_route(built, x_mx, weights, config, ids, "hash layer: ")
     compare_block(built, x_mx, config, "float32", "hash layer block")
     return "layer 0 routes by tid2eid[input_ids] (bias ignored); the block equals the reference"
 
