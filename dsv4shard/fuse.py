@@ -165,10 +165,17 @@ class FusedSwitchGLU(nn.Module):
         half = y.shape[-1] // 2
         return y[..., :half], y[..., half:]
 
+    sort_threshold = SORT_THRESHOLD  # SwitchGLU's own rule
+
+    @staticmethod
+    def unsorted_shape(indices: mx.array) -> tuple[int, ...]:
+        """The shape sorted results are scattered back to: indices' own."""
+        return indices.shape
+
     def __call__(self, x, indices) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
-        do_sort = indices.size >= SORT_THRESHOLD
+        do_sort = indices.size >= self.sort_threshold
         idx, inverse = indices, None
         if do_sort:
             flat = indices.flatten()
@@ -179,7 +186,7 @@ class FusedSwitchGLU(nn.Module):
         x_up, x_gate = self.split(self.gate_up_proj(x, idx, sorted_indices=do_sort))
         y = self.down_proj(self.activation(x_up, x_gate), idx, sorted_indices=do_sort)
         if do_sort:
-            y = mx.unflatten(y[inverse], 0, indices.shape)
+            y = mx.unflatten(y[inverse], 0, self.unsorted_shape(indices))
         return y.squeeze(-2)
 
 

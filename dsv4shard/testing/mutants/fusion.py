@@ -103,21 +103,11 @@ class SortAtEight(FusedSwitchGLU):
     """Sorts once indices.size >= 8 (not SwitchGLU's 64) and unsorts to
     indices.shape[:-1], dropping the k axis."""
 
-    def __call__(self, x, indices):
-        x = mx.expand_dims(x, (-2, -3))
-        do_sort = indices.size >= 8
-        idx, inverse = indices, None
-        if do_sort:
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            inverse = mx.argsort(order)
-            x = x.flatten(0, -3)[order // indices.shape[-1]]
-            idx = flat[order]
-        x_up, x_gate = self.split(self.gate_up_proj(x, idx, sorted_indices=do_sort))
-        y = self.down_proj(self.activation(x_up, x_gate), idx, sorted_indices=do_sort)
-        if do_sort:
-            y = mx.unflatten(y[inverse], 0, indices.shape[:-1])
-        return y.squeeze(-2)
+    sort_threshold = 8
+
+    @staticmethod
+    def unsorted_shape(indices):
+        return indices.shape[:-1]
 
 
 def sort_threshold_8(switch_glu):
