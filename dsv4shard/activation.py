@@ -17,11 +17,14 @@ class ClippedSwiGLU(nn.Module):
         super().__init__()
         self.limit = float(limit)
 
+    def clip(self, gate: mx.array, up: mx.array) -> tuple[mx.array, mx.array]:
+        """Both clips, before silu: gate from above only, up on both sides."""
+        if self.limit > 0:
+            gate = mx.minimum(gate, self.limit)
+            up = mx.clip(up, -self.limit, self.limit)
+        return gate, up
+
     def __call__(self, up: mx.array, gate: mx.array) -> mx.array:
         dtype = up.dtype
-        gate = gate.astype(mx.float32)
-        up = up.astype(mx.float32)
-        if self.limit > 0:
-            gate = mx.minimum(gate, self.limit)  # from above only
-            up = mx.clip(up, -self.limit, self.limit)
+        gate, up = self.clip(gate.astype(mx.float32), up.astype(mx.float32))
         return (nn.silu(gate) * up).astype(dtype)

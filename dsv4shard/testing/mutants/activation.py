@@ -8,87 +8,58 @@ import mlx.nn as nn
 import numpy as np
 
 import reference as ref
+from dsv4shard.activation import ClippedSwiGLU
 from dsv4shard.weights import build_block
 
 # --- MLX activations, called as activation(up, gate) ------------------------
 
 
-class ClipAfterSilu(nn.Module):
+class ClipAfterSilu(ClippedSwiGLU):
     """Clips silu(gate) instead of gate: the clip applied after the
     nonlinearity (both clips must come before silu)."""
 
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = limit
-
     def __call__(self, up, gate):
-        h = nn.silu(gate.astype(mx.float32))
-        up = up.astype(mx.float32)
+        dtype = up.dtype
+        h, up = nn.silu(gate.astype(mx.float32)), up.astype(mx.float32)
         if self.limit > 0:
-            h = mx.minimum(h, self.limit)
-            up = mx.clip(up, -self.limit, self.limit)
-        return (h * up).astype(gate.dtype)
+            h, up = mx.minimum(h, self.limit), mx.clip(up, -self.limit, self.limit)
+        return (h * up).astype(dtype)
 
 
-class TwoSidedGateClip(nn.Module):
+class TwoSidedGateClip(ClippedSwiGLU):
     """Clips gate to [-L, L] (copying up's clip), where DeepSeek clips gate
     from above only: wrong for gate < -L."""
 
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = limit
-
-    def __call__(self, up, gate):
-        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    def clip(self, gate, up):
         if self.limit > 0:
-            gate = mx.clip(gate, -self.limit, self.limit)
-            up = mx.clip(up, -self.limit, self.limit)
-        return (nn.silu(gate) * up).astype(gate.dtype)
+            gate, up = mx.clip(gate, -self.limit, self.limit), mx.clip(up, -self.limit, self.limit)
+        return gate, up
 
 
-class SwappedArguments(nn.Module):
+class SwappedArguments(ClippedSwiGLU):
     """Reads its arguments as (gate, up) while SwitchGLU passes (up, gate)."""
 
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = limit
-
-    def __call__(self, gate, up):
-        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
-        if self.limit > 0:
-            gate = mx.minimum(gate, self.limit)
-            up = mx.clip(up, -self.limit, self.limit)
-        return (nn.silu(gate) * up).astype(gate.dtype)
+    def __call__(self, up, gate):
+        return super().__call__(gate, up)
 
 
-class NoUpClip(nn.Module):
+class NoUpClip(ClippedSwiGLU):
     """Clips gate from above but lets up through unclipped (the up clip
     forgotten)."""
 
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = limit
-
-    def __call__(self, up, gate):
-        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
+    def clip(self, gate, up):
         if self.limit > 0:
             gate = mx.minimum(gate, self.limit)
-        return (nn.silu(gate) * up).astype(gate.dtype)
+        return gate, up
 
 
-class LimitNotHonoured(nn.Module):
+class LimitNotHonoured(ClippedSwiGLU):
     """Clips to |limit| whatever its sign: limit <= 0 should disable the
     clip (0 then zeroes every output, -1 clips to 1)."""
 
-    def __init__(self, limit):
-        super().__init__()
-        self.limit = abs(limit)
-
-    def __call__(self, up, gate):
-        gate, up = gate.astype(mx.float32), up.astype(mx.float32)
-        gate = mx.minimum(gate, self.limit)
-        up = mx.clip(up, -self.limit, self.limit)
-        return (nn.silu(gate) * up).astype(gate.dtype)
+    def clip(self, gate, up):
+        limit = abs(self.limit)
+        return mx.minimum(gate, limit), mx.clip(up, -limit, limit)
 
 
 def _with_routed_activation(block, activation):
