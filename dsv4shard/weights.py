@@ -9,9 +9,7 @@ the reference runs on exactly the values the kernels see.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from dsv4shard.block import MoEBlock
 from reference.moe_block import MoEConfig, MoEWeights
@@ -131,10 +129,3 @@ def read_weights(block: MoEBlock) -> MoEWeights:
         tid2eid=tid2eid, **experts, **shared, **biases,
     )
 
-
-def is_switch_linear(layer) -> bool:
-    return isinstance(layer, (SwitchLinear, QuantizedSwitchLinear))
-
-
-def is_linear(layer) -> bool:
-    return isinstance(layer, (nn.Linear, nn.QuantizedLinear))

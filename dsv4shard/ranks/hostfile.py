@@ -9,7 +9,6 @@ Thunderbolt RDMA, ``ring`` over TCP, ``nccl`` for the GPUs of one host.
 from __future__ import annotations
 
 import json
-import os
 import socket
 from dataclasses import dataclass, field
 
@@ -85,10 +84,6 @@ def load(path: str, backend: str | None = None) -> Hostfile:
         raise HostfileError(f"hostfile {path}: jaccl needs one RDMA entry per host on "
                             "every host (null for itself)")
     return Hostfile(tuple(hosts), backend, tuple(envs))
-
-
-def from_environment() -> str | None:
-    return os.environ.get("DSV4SHARD_HOSTFILE") or None
 
 
 def rank_environments(hostfile: Hostfile) -> list[dict[str, str]]:
