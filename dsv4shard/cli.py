@@ -1,4 +1,13 @@
-"""The ``dsv4shard`` command."""
+"""dsv4shard: check sharded and fused DeepSeek-V4 MoE blocks on MLX against a
+float64 NumPy reference.
+
+  dsv4shard check                      the project's own properties, then the
+                                       installed DeepSeek-V4 models and the
+                                       project's block as variants
+  dsv4shard check --variant FILE|MOD   a port's deepseek_v4.py (or a module)
+  dsv4shard mutants                    the kill matrix of known-bad code
+  dsv4shard bench                      fused against unfused experts
+"""
 
 from __future__ import annotations
 
@@ -7,99 +16,94 @@ import json
 import sys
 import time
 
-from hypothesis import HealthCheck, Phase, given, settings
+# The project's own properties that ``dsv4shard check`` runs (no real ranks:
+# those run in the test suite), by their names in the property table.
+OWN_CHECKS = ("dequantize_matches_mlx", "clip_probes", "renormalisation_rule",
+              "bias_chooses_never_weights", "large_logits_stay_finite",
+              "switch_glu_matches_reference", "moe_matches_reference", "sorted_matches_unsorted")
 
 
-def run_property(prop, strategy, examples: int) -> dict:
-    """Run one property for ``examples`` derandomized examples; PASS or FAIL
-    with the first line of the failure."""
-    count = 0
+def own_verdicts(examples: int) -> list:
+    """The project's own implementations against the reference, through the engine."""
+    from dsv4shard.engine.records import by_name, project_properties
+    from dsv4shard.engine.run import run
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate, Phase.shrink],
-              suppress_health_check=list(HealthCheck))
-    @given(case=strategy)
-    def run(case):
-        nonlocal count
-        count += 1
-        prop(case)
-
-    start = time.perf_counter()
-    try:
-        run()
-        status, detail = "PASS", ""
-    except Exception as error:  # report, never crash the report
-        status, detail = "FAIL", (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return {"check": prop.__name__, "status": status, "examples": count,
-            "seconds": round(time.perf_counter() - start, 2), "detail": detail}
+    keyword = {p.name: p.keyword for p in project_properties()}
+    return [run(by_name(n, keyword[n]), subject="dsv4shard", examples=examples)
+            for n in OWN_CHECKS]
 
 
-def own_checks():
-    """The project's own implementations against the reference."""
-    from dsv4shard.testing import strategies as s
-    from dsv4shard.testing.properties import quantization, reference_edges, unfused
-
-    return [
-        (quantization.dequantize_matches_mlx, s.quant_cases(global_scale=True)),
-        (reference_edges.clip_probes, s.clip_cases()),
-        (reference_edges.renormalisation_rule, s.router_cases()),
-        (reference_edges.bias_chooses_never_weights, s.router_cases()),
-        (reference_edges.large_logits_stay_finite, s.router_cases()),
-        (unfused.switch_glu_matches_reference, s.moe_cases()),
-        (unfused.moe_matches_reference, s.moe_cases()),
-        (unfused.sorted_matches_unsorted, s.moe_cases()),
-    ]
-
-
-def markdown(rows) -> str:
-    lines = ["| check | result | examples | seconds | detail |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['check']} | {r['status']} | {r['examples']} | {r['seconds']} | "
-                     f"{r['detail'].replace('|', '/')} |")
+def markdown(verdicts) -> str:
+    lines = ["| check | what it checks | result | examples | seconds | detail |",
+             "|---|---|---|---|---|---|"]
+    for v in verdicts:
+        summary = next((p.summary for p in _records() if p.name == v.prop), "")
+        lines.append(f"| {v.prop} | {summary} | {v.status} | {v.examples} | {v.seconds} | "
+                     f"{v.detail.replace('|', '/')} |")
     return "\n".join(lines)
 
 
-def check_variants(specs, only=None) -> list:
-    """Each variant's conformance report (dsv4shard.variants), printed as it
-    completes."""
-    from dsv4shard.variants import check_variant
+def _records():
+    from dsv4shard.engine.records import project_properties
+
+    return project_properties()
+
+
+def check_variants(specs, only=None, examples=None) -> list:
+    """Each variant's report, each checked in a process of its own, printed
+    as it completes."""
+    from dsv4shard.variants import check_isolated
     from dsv4shard.variants import markdown as variant_markdown
+    from dsv4shard.variants.checking import VARIANT_EXAMPLES
 
     reports = []
     for spec in specs:
-        report = check_variant(spec, only)
+        start = time.perf_counter()
+        report = check_isolated(spec, only, examples or VARIANT_EXAMPLES)
         print()
         print(variant_markdown(report), flush=True)
+        print(f"\n({spec}: {time.perf_counter() - start:.1f} s)", flush=True)
         reports.append(report)
     return reports
 
 
 def check(args) -> int:
-    """With --variant: those variants' conformance checks.  Without: the
-    project's own implementations' properties (own_checks), then the
-    installed mlx-lm's DeepSeek-V4 models and the project's own block,
-    sharding and fusion as variants.  Exit status 1 when a property or a
-    REQUIRED variant check fails (informational departures do not count)."""
-    from dsv4shard.variants import CHECKS, default_variants
+    """With --variant: those variants' verdicts.  Without: the project's own
+    implementations' properties, then the installed mlx-lm's DeepSeek-V4
+    models and the project's own block, sharding and fusion as variants.
+    Exit status 1 when a property or a REQUIRED variant check fails
+    (departures of informational checks do not count), 2 on bad usage."""
+    import os
 
-    unknown = sorted(set(args.only or []) - {c.name for c in CHECKS})
+    from dsv4shard.engine.records import variant_properties
+    from dsv4shard.variants import default_variants
+
+    names = [r.name for r in variant_properties()]
+    unknown = sorted(set(args.only or []) - set(names))
     if unknown:
-        print(f"dsv4shard check: unknown check(s) {unknown}; checks: "
-              f"{', '.join(c.name for c in CHECKS)}", file=sys.stderr)
+        print(f"dsv4shard check: unknown check(s) {unknown}; checks: {', '.join(names)}",
+              file=sys.stderr)
         return 2
-    rows = []
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        print(f"dsv4shard check: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
+    if args.examples < 1:
+        print("dsv4shard check: --examples must be at least 1", file=sys.stderr)
+        return 2
+    own = []
     if not args.variant:
-        rows = [run_property(prop, strategy, args.examples) for prop, strategy in own_checks()]
+        own = own_verdicts(args.examples)
         print("### the project's own implementations: properties against the reference\n")
-        print(markdown(rows))
-    reports = check_variants(args.variant or default_variants(), args.only)
+        print(markdown(own), flush=True)
+    reports = check_variants(args.variant or default_variants(), args.only,
+                             args.variant_examples)
     if args.json:
         result = {"variants": [r.to_dict() for r in reports]}
-        if rows:
-            result["own"] = rows
+        if own:
+            result["own"] = [v.to_dict() for v in own]
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
-    failed = any(r["status"] == "FAIL" for r in rows) or any(not r.ok for r in reports)
+    failed = any(v.fatal for v in own) or any(not r.ok for r in reports)
     return 1 if failed else 0
 
 
@@ -118,7 +122,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check implementations against the reference")
-    p.add_argument("--examples", type=int, default=50, help="examples per check")
+    p.add_argument("--examples", type=int, default=50,
+                   help="examples per property of the project's own (default %(default)s)")
+    p.add_argument("--variant-examples", type=int, default=None, metavar="N",
+                   help="examples per variant property (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--variant", action="extend", nargs="+", metavar="MODULE_OR_FILE",
                    help="check these DeepSeek-V4 variants instead (repeatable): a module name "

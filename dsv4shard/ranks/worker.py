@@ -105,6 +105,17 @@ def run_variant_moe(job: dict, group) -> dict:
 TASKS["variant_moe"] = run_variant_moe
 
 
+def run_variant_model(job: dict, group) -> dict:
+    """A variant's own Model.shard() on this rank: the whole Model's logits
+    (see dsv4shard.variants.sharded_model)."""
+    from dsv4shard.variants.sharded_model import rank_job
+
+    return rank_job(job, group)
+
+
+TASKS["variant_model"] = run_variant_model
+
+
 def main() -> None:
     out = protocol_stream()
     backend = os.environ.get("DSV4SHARD_BACKEND", "ring")

@@ -1,16 +1,17 @@
 """Run a property against a known-bad implementation and insist it fails.
 
 A property that a broken implementation passes is itself broken; every
-property in the suite is therefore also run here, against its mutants.
+property in the suite is therefore also run here, against its mutants,
+through the engine's one runner (``dsv4shard.engine.run``).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import HypothesisException
+from dsv4shard.engine import outcome as o
+from dsv4shard.engine.records import Property, of_function
+from dsv4shard.engine.run import run
 
 # The ``ci`` hypothesis profile's max_examples (conftest.py): a mutant must be
 # caught within the examples the default run gives a property.
@@ -34,51 +35,41 @@ class Kill:
     error: str  # the first line of what the property raised
 
 
+def record_for(prop) -> Property:
+    """The table's record of ``prop``, or (a test's own property function)
+    an unlisted record for it."""
+    if isinstance(prop, Property):
+        return prop
+    try:
+        return of_function(prop)
+    except KeyError:
+        return Property(prop.__name__, prop, lambda: None, "", "", "")
+
+
 def assert_caught(prop, strategy, *, max_examples: int = CI_EXAMPLES, **impl) -> Kill:
     """Draw cases from ``strategy``, call ``prop(case, **impl)`` and return the
     first failure; raise :class:`MutantSurvived` if there is none.
 
     The ``ci`` profile's semantics: derandomized, no example database,
     ``CI_EXAMPLES`` examples.  Shrinking is skipped: the question is only
-    whether the property fails.  A property that skips (pytest's skip, where
-    the backend cannot run the case) skips the caller too: never a catch.
+    whether the property fails.  A property that skips (where the backend
+    cannot run the case) skips the caller too: never a catch.
     """
-    count = 0
-    first_error: list[BaseException] = []
+    import pytest
 
-    @settings(
-        max_examples=max_examples,
-        phases=[Phase.explicit, Phase.generate],
-        database=None,
-        deadline=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-        report_multiple_bugs=False,
-    )
-    @given(case=strategy)
-    def run(case):
-        nonlocal count
-        count += 1
-        try:
-            prop(case, **impl)
-        except HypothesisException:
-            raise
-        except Exception as error:  # a crash is a catch too
-            first_error.append(error)
-            raise
-
-    start = time.perf_counter()
-    try:
-        run()
-    except HypothesisException:
-        raise
-    except BaseException as error:
-        if not first_error:
-            raise
-        del error
-        message = str(first_error[0]).strip().splitlines() or [type(first_error[0]).__name__]
-        return Kill(count, time.perf_counter() - start, message[0])
+    record = record_for(prop)
+    # Every departure counts as a catch here, informational ones too.
+    record = Property(record.name, record.fn, record.cases, record.keyword, record.case,
+                      record.summary, True, None, record.ranks, record.module)
+    verdict = run(record, impl, examples=max_examples, shrink=False, cases=strategy)
+    if verdict.status in (o.FAIL, o.BACKEND):
+        return Kill(verdict.examples, verdict.seconds, verdict.detail)
+    if verdict.status == o.SKIP:
+        pytest.skip(verdict.detail)
+    if verdict.status == o.ERROR:
+        raise RuntimeError(f"{record.name}: {verdict.detail}")
     raise MutantSurvived(
-        f"{getattr(prop, '__name__', prop)} passed {count} examples against "
-        f"{ {k: getattr(v, '__name__', v) for k, v in impl.items()} }", count
-    )
+        f"{record.name} passed {verdict.examples} examples against "
+        f"{ {k: getattr(v, '__name__', v) for k, v in impl.items()} }"
+        + (f" (declined: {'; '.join(verdict.declined)})" if verdict.declined else ""),
+        verdict.examples)

@@ -1,12 +1,11 @@
 """The kill matrix: every catalogued mutant against EVERY property of its kind.
 
-A mutant's kind is the keyword its broken part is passed as (``build``,
-``route``, ``shard``, ``fuse_impl``, ...) and the type of case its property
-takes; the properties of that kind are all functions of the modules in
-``dsv4shard.testing.properties`` that take such a case and that keyword.
-Each cell runs ``assert_caught`` with the ``ci`` profile's semantics
-(derandomized, ``CI_EXAMPLES`` examples): caught (examples until the first
-failure), missed, or skipped where the backend cannot run the case.
+A property's kind is its record's keyword and case type in the property
+table (``dsv4shard.engine.records``); a mutant's kind is that of the
+property it is listed with.  Each cell runs ``assert_caught`` with the
+``ci`` profile's semantics (derandomized, ``CI_EXAMPLES`` examples):
+caught (examples until the first failure), missed, or skipped where the
+backend cannot run the case.
 
 A cell uses the mutant's own strategy (the region of its bug class) whenever
 the property takes the same cases; a property that needs real ranks, run
@@ -15,18 +14,16 @@ against a mutant listed with virtual ones, draws the suite's 2-rank cases.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
-import pkgutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 
-from dsv4shard.testing.catch import CI_EXAMPLES, MutantSurvived, assert_caught
+from dsv4shard.engine import records
+from dsv4shard.testing.catch import CI_EXAMPLES, MutantSurvived, assert_caught, record_for
 
 CAUGHT, MISSED, SKIPPED, ERROR = "caught", "missed", "skipped", "error"
 
@@ -46,38 +43,22 @@ class Cell:
 
 
 def properties() -> list:
-    """Every property function of the suite: a public function of a module of
-    ``dsv4shard.testing.properties`` whose first parameter is ``case`` and
-    that reports through ``fail`` (helpers taking a case do not)."""
-    import dsv4shard.testing.properties as package
-
-    found = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for name, fn in sorted(vars(module).items()):
-            if (inspect.isfunction(fn) and fn.__module__ == module.__name__
-                    and not name.startswith("_")):
-                params = list(inspect.signature(fn).parameters)
-                if (params and params[0] == "case" and len(params) > 1
-                        and "fail" in fn.__code__.co_names):
-                    found.append(fn)
-    return found
+    """Every property function of the project (the table's non-variant records)."""
+    return [r.fn for r in records.project_properties()]
 
 
 def case_type(prop) -> str:
-    annotation = inspect.signature(prop).parameters["case"].annotation
-    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    return record_for(prop).case
 
 
 def needs_real_ranks(prop) -> bool:
-    return "pool" in inspect.signature(prop).parameters
+    return record_for(prop).ranks > 0
 
 
-def kin(mutant, props) -> list:
+def kin(mutant, props=None) -> list:
     """The properties of ``mutant``'s kind, its own first."""
-    same = [p for p in props if mutant.key in inspect.signature(p).parameters
-            and case_type(p) == case_type(mutant.prop) and p is not mutant.prop]
-    return [mutant.prop] + same
+    return [r.fn for r in records.kind_of(record_for(mutant.prop))
+            if props is None or r.fn in props]
 
 
 def strategy_for(mutant, prop):
@@ -135,7 +116,7 @@ def _run_named(mutant_name: str, prop_name: str, examples: int) -> Cell:
 
 
 def qualified(prop) -> str:
-    return f"{prop.__module__.rsplit('.', 1)[-1]}.{prop.__name__}"
+    return record_for(prop).qualified
 
 
 def _worker_init():
@@ -239,7 +220,7 @@ def markdown(mutants, cells, wall: float, examples: int = CI_EXAMPLES) -> str:
         by_mutant.setdefault(c.mutant, {})[c.prop] = c
     kinds: dict[tuple, list] = {}
     for m in mutants:
-        kinds.setdefault((m.key, case_type(m.prop)), []).append(m)
+        kinds.setdefault(record_for(m.prop).kind, []).append(m)
     lines = ["## Kill matrix", "",
              "Cell: caught @N = the first failure came at example N; missed (N) = N examples "
              "passed; `*` = the property the catalogue lists the mutant with "

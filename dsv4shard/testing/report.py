@@ -10,9 +10,10 @@ from dsv4shard.impl import spec_of
 def reproducer(prop, case, **impl) -> str:
     """A shell line that reruns ``prop`` on ``case`` (and the named
     implementations) through ``python -m dsv4shard.testing.repro``."""
-    parts = ["python", "-m", "dsv4shard.testing.repro", prop.__name__, repr(case)]
+    module = prop.__module__.rsplit(".", 1)[-1]
+    parts = ["python", "-m", "dsv4shard.testing.repro", f"{module}.{prop.__name__}", repr(case)]
     for key, value in impl.items():
-        parts.append(f"--{key}={spec_of(value)}")
+        parts.append(f"--{key.replace('_', '-')}={spec_of(value)}")
     return shlex.join(parts)
 
 

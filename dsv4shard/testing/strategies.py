@@ -276,3 +276,47 @@ def global_scale_shard_cases(ranks: int | None = None) -> st.SearchStrategy[Shar
     has none; structural ones run everywhere."""
     return shard_cases(ranks=ranks, quantized=True, formats=[NVFP4]).map(
         lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE)))
+
+
+# --- variants ---
+
+
+@dataclass(frozen=True)
+class VariantCase:
+    """What a variant's property draws: the tiny block's expert count and k
+    (each property may pin k, e.g. k = 1 or k = E), the tokens, how far the
+    activations reach past the clip, and the seed of every array."""
+
+    seed: int
+    n_experts: int
+    top_k: int
+    n_tokens: int
+    activation_scale: float
+    batched: bool = False
+
+
+# Token counts on both sides of SwitchGLU's sort threshold (T * k >= 64 at
+# 40 tokens for every k >= 2).
+VARIANT_TOKENS = (5, 12, 40)
+
+
+@st.composite
+def variant_cases(draw) -> VariantCase:
+    n_experts = draw(st.sampled_from([8, 16]), label="n_experts")
+    top_k = draw(st.sampled_from([2, 6]), label="top_k")
+    return VariantCase(
+        seed=draw(st.integers(0, 2**16 - 1), label="seed"),
+        n_experts=n_experts,
+        top_k=top_k,
+        n_tokens=draw(st.sampled_from(VARIANT_TOKENS), label="n_tokens"),
+        activation_scale=draw(st.sampled_from([1.0, 30.0, 100.0]), label="activation_scale"),
+        batched=draw(st.booleans(), label="batched"),
+    )
+
+
+def model_cases():
+    """A tiny deepseek_v41 model (2 or 3 layers) and a prompt length."""
+    from dsv4shard.testing.properties.end_to_end import ModelCase
+
+    return st.builds(ModelCase, seed=st.integers(0, 2**16), layers=st.integers(2, 3),
+                     n_tokens=st.integers(1, 6))

@@ -6,8 +6,10 @@ installed module) against the reference: ``dsv4shard check --variant X`` and
   module out; a failing import names the missing module.
 - :mod:`~dsv4shard.variants.adapter`: the structural adapter that builds the
   variant's MoE block tiny and drives its router, experts and call.
-- :mod:`~dsv4shard.variants.checks`: the named checks, required or
-  informational, each PASS, FAIL or SKIP with a one-line detail.
+- :mod:`~dsv4shard.variants.probes`: how the block is probed and compared.
+- :mod:`~dsv4shard.variants.checking`: the engine's variant properties run
+  against it, in a process of its own; :mod:`~dsv4shard.variants.report`
+  prints the verdicts.
 """
 
 from __future__ import annotations
@@ -16,23 +18,14 @@ import pkgutil
 import re
 
 from dsv4shard.variants.adapter import StructureError, Variant
-from dsv4shard.variants.checks import (
-    CHECKS,
-    INFORMATIONAL,
-    REQUIRED,
-    Report,
-    Result,
-    check_variant,
-    run_check,
-)
+from dsv4shard.variants.checking import Report, check_isolated, check_variant
 from dsv4shard.variants.loading import VariantLoadError, load_module
 from dsv4shard.variants.report import markdown
 
 OWN = "dsv4shard.variants.own"
 
-__all__ = ["CHECKS", "INFORMATIONAL", "OWN", "REQUIRED", "Report", "Result", "StructureError",
-           "Variant", "VariantLoadError", "check_variant", "installed_variants", "load_module",
-           "markdown", "run_check"]
+__all__ = ["OWN", "Report", "StructureError", "Variant", "VariantLoadError", "check_isolated",
+           "check_variant", "installed_variants", "load_module", "markdown"]
 
 
 def installed_variants() -> list[str]:

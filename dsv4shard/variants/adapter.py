@@ -83,13 +83,14 @@ class Setting:
 
     top_k: int = TOP_K
     n_experts: int = EXPERTS
-    limit: float = 10.0
+    limit: float | None = 10.0  # None: the ModelArgs field set to None
     score_func: str = "sqrtsoftplus"
     route_scale: float = 1.5
     hash_layer: bool = False  # build the first layer, a hash layer
 
     def config(self, revision: Revision = Revision.SHARED_CLIPPED) -> MoEConfig:
-        return MoEConfig(HIDDEN, INTER, self.n_experts, self.top_k, self.limit,
+        limit = 0.0 if self.limit is None else self.limit  # None: no clip
+        return MoEConfig(HIDDEN, INTER, self.n_experts, self.top_k, limit,
                          self.route_scale, self.score_func, hash_routing=self.hash_layer,
                          vocab_size=VOCAB if self.hash_layer else 0, revision=revision)
 
@@ -164,6 +165,10 @@ def quant_format(layer) -> QuantFormat | None:
 def find_args_class(module: ModuleType):
     cls = getattr(module, "ModelArgs", None)
     if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        if not any(f.name in ALIASES["experts"] for f in dataclasses.fields(cls)):
+            raise StructureError(f"{source_name(module)}'s ModelArgs has no expert count (any of "
+                                 f"{', '.join(ALIASES['experts'])}): not a mixture-of-experts "
+                                 f"model")
         return cls
     for value in vars(module).values():
         if (isinstance(value, type) and dataclasses.is_dataclass(value)
@@ -452,6 +457,10 @@ class Built:
             raise StructureError(f"the router at {layout.router} holds no [{setting.n_experts}, "
                                  f"{HIDDEN}] matrix with n_experts={setting.n_experts}")
         self.roles = {"routed": projections(self.routed), "shared": projections(self.shared)}
+        # Weights go in before the first call, never after: a port may cache
+        # a derived weight on its first call (a transposed router matrix
+        # under an underscore attribute), as mlx-lm loads before it runs.
+        self.ran = False
 
     @property
     def routed(self):
@@ -475,6 +484,9 @@ class Built:
     # --- weights ---
 
     def load(self, weights: MoEWeights) -> Built:
+        if self.ran:
+            raise RuntimeError("weights loaded into a block that has already run: build a "
+                               "fresh one (a port may cache derived weights on first call)")
         old = self.router[self.keys["weight"]]
         self.router[self.keys["weight"]] = mx.array(weights.gate, dtype=old.dtype)
         if "bias" in self.keys:
@@ -544,6 +556,7 @@ class Built:
         calls it: on [1, T, D] (the [B, L, D] a model passes), or on [T, D]
         when the 3-D call fails (a router its block hands flattened tokens)."""
         last = None
+        self.ran = True
         for shape in ((1,) + tuple(x.shape), tuple(x.shape)):
             try:
                 xs = x.reshape(shape)
@@ -571,6 +584,7 @@ class Built:
         module that also takes the weights (and sums over k itself) is called
         once per slot with a one-hot weight."""
         idx = mx.array(np.asarray(indices), dtype=mx.int32)
+        self.ran = True
         params = [p for p in call_parameters(self.routed.__call__)[2:] if p.default is p.empty]
         if not params:
             return self.routed(x, idx)
@@ -582,6 +596,7 @@ class Built:
         return mx.stack(slots, axis=-2)
 
     def shared_out(self, x: mx.array) -> mx.array:
+        self.ran = True
         return self.shared(x)
 
     def __call__(self, x: mx.array, ids=None) -> mx.array:
@@ -589,6 +604,7 @@ class Built:
         model passes (and come back as [T, D]); 3-D x goes in as it is."""
         flat = x.ndim == 2
         xs = x[None] if flat else x
+        self.ran = True
         out = self.moe(xs, *self._ids(self.moe.__call__, ids, xs.shape[:-1]))
         if isinstance(out, (tuple, list)):  # some blocks also return an auxiliary value
             out = out[0]

@@ -39,8 +39,9 @@ class ModelArgs(BaseModelArgs):
 
 def moe_config(args: ModelArgs, layer_idx: int) -> MoEConfig:
     hashed = layer_idx < args.num_hash_layers
+    limit = 0.0 if args.swiglu_limit is None else args.swiglu_limit  # None: no clip
     return MoEConfig(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
-                     args.num_experts_per_tok, args.swiglu_limit, args.routed_scaling_factor,
+                     args.num_experts_per_tok, limit, args.routed_scaling_factor,
                      args.scoring_func, hash_routing=hashed,
                      vocab_size=args.vocab_size if hashed else 0, revision=args.revision)
 

@@ -1,11 +1,13 @@
-"""``pytest --variant X``: the variant checks as test items, one per check.
+"""``pytest --variant X``: the variant's verdicts as test items, one per
+property of the table.
 
-A REQUIRED check that fails is a failed test; an INFORMATIONAL departure is
-reported as xfail (``-rx`` shows its diagnosis) and never fails the run; a
-check with nothing to check is skipped with its reason.  A variant that
-cannot be imported gives one failing item, ``load``, naming what is missing.
-All items carry the ``variant`` marker: ``pytest --variant X -m variant``
-runs only them.
+The variant is checked once, in a process of its own (its import and its
+rank workers touch nothing of this session's), and each item reports its
+verdict: FAIL fails the item; DEPARTS is an xfail whose reason is the
+diagnosis (``-rx`` shows it) and never fails the run; SKIP and DECLINED
+skip with the reason.  A variant that cannot be checked (an import that
+fails, no MoE block) gives one failing item, ``load``.  All items carry the
+``variant`` marker: ``pytest --variant X -m variant`` runs only them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import functools
 
 import pytest
 
-from dsv4shard.variants.adapter import Variant
-from dsv4shard.variants.checks import CHECKS, by_name, run_check
-from dsv4shard.variants.loading import VariantLoadError
+from dsv4shard.engine import outcome as o
+from dsv4shard.engine.records import variant_properties
 
 
 class VariantCheckFailed(AssertionError):
@@ -24,37 +25,58 @@ class VariantCheckFailed(AssertionError):
 
 
 @functools.lru_cache(maxsize=None)
-def loaded(spec: str):
-    """The variant (one per process, shared by its items), or its load error."""
-    try:
-        return Variant(spec)
-    except VariantLoadError as error:
-        return error
+def report_for(spec: str):
+    from dsv4shard.variants.checking import check_isolated
+
+    return check_isolated(spec)
+
+
+@functools.lru_cache(maxsize=None)
+def load_error(spec: str) -> str | None:
+    """Why ``spec`` cannot be imported, asked of a child process (an import
+    here could change this session: a port may patch mlx at import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom dsv4shard.variants.loading import load_module, VariantLoadError\n"
+            "try:\n    load_module(sys.argv[1])\nexcept VariantLoadError as e:\n"
+            "    print(' '.join(str(e).split()))\n")
+    proc = subprocess.run([sys.executable, "-c", code, spec], capture_output=True, text=True,
+                          timeout=300)
+    text = proc.stdout.strip().splitlines()
+    if text:
+        return text[-1]
+    if proc.returncode != 0:
+        tail = [line for line in proc.stderr.splitlines() if line.strip()]
+        return tail[-1] if tail else f"loading exited {proc.returncode}"
+    return None
 
 
 class VariantCheckItem(pytest.Item):
-    def __init__(self, *, spec: str, check: str | None, **kwargs):
+    def __init__(self, *, spec: str, check: str | None, required: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.spec, self.check_name = spec, check
         self.add_marker(pytest.mark.variant)
-        if check is not None and by_name(check).required:
+        if check is not None and required:
             self.add_marker(pytest.mark.variant_required)
 
     def runtest(self):
-        variant = loaded(self.spec)
-        if isinstance(variant, VariantLoadError):
-            raise VariantCheckFailed(str(variant))
+        report = report_for(self.spec)
+        if report.error:
+            raise VariantCheckFailed(report.error)
         if self.check_name is None:
             return
-        chk = by_name(self.check_name)
-        result = run_check(variant, chk)
-        self.user_properties.append(("detail", result.detail))
-        if result.status == "SKIP":
-            pytest.skip(result.detail)
-        if result.status == "FAIL":
-            if not chk.required:
-                pytest.xfail(f"informational departure: {result.detail}")
-            raise VariantCheckFailed(result.detail)
+        v = report.by_check().get(self.check_name)
+        if v is None:
+            raise VariantCheckFailed(f"no verdict for {self.check_name}")
+        self.user_properties.append(("detail", v.detail))
+        if v.status in (o.SKIP, o.DECLINED):
+            pytest.skip(f"{v.status}: {v.detail}")
+        if v.status == o.DEPARTS:
+            pytest.xfail(f"departs (informational): {v.detail}")
+        if v.status != o.PASS:
+            raise VariantCheckFailed(f"{v.status}: {v.detail}"
+                                     + (f"\n  reproduce: {v.reproduce}" if v.reproduce else ""))
 
     def repr_failure(self, excinfo, style=None):
         if isinstance(excinfo.value, VariantCheckFailed):
@@ -72,10 +94,11 @@ class VariantCollector(pytest.Collector):
         self.spec = spec
 
     def collect(self):
-        if isinstance(loaded(self.spec), VariantLoadError):
+        if load_error(self.spec):
             return [VariantCheckItem.from_parent(self, name="load", spec=self.spec, check=None)]
-        return [VariantCheckItem.from_parent(self, name=c.name, spec=self.spec, check=c.name)
-                for c in CHECKS]
+        return [VariantCheckItem.from_parent(self, name=r.name, spec=self.spec, check=r.name,
+                                             required=r.required)
+                for r in variant_properties()]
 
 
 def items_for(session, specs) -> list[pytest.Item]:

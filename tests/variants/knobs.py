@@ -5,7 +5,9 @@ As shipped it conforms to the reference (routed experts at
 called as ``(x, input_ids)``, shard()).  Each departure a conformance check
 must catch can be switched on by adding its name to ``DEPARTURES`` in a
 fresh copy of this module (``Variant(path, fresh=True)``); the names are
-the keys of ``KNOWN``.
+the keys of ``KNOWN`` and of ``PENDING``.
+
+``swiglu_limit = None`` means no clip, as a limit <= 0 does.
 """
 
 from dataclasses import dataclass
@@ -39,6 +41,16 @@ KNOWN = {  # departure: the check that must catch it
     "bfloat16_combine": "combine_precision",
     "float32_output": "output_dtype",
     "activation_called_gate_first": "fused_bit_exact",
+    "limit_none_typeerror": "limit_none",
+}
+
+
+# Departures switched on the same way that no check is yet written to catch
+# (a dtype-gated path, a None limit): departure -> what it changes.
+PENDING = {
+    "bf16_skips_routed_clip": "the routed experts skip the clip when their inputs are bfloat16",
+    "bf16_skips_shared_clip": "the shared expert skips the clip when its inputs are bfloat16",
+    "bf16_output_scaled": "the block's output is multiplied by 0.8 when x is bfloat16",
 }
 
 
@@ -67,7 +79,7 @@ class ModelArgs(BaseModelArgs):
     scoring_func: str = "sqrtsoftplus"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.5
-    swiglu_limit: float = 10.0
+    swiglu_limit: Optional[float] = 10.0  # None or <= 0: no clip
     rms_norm_eps: float = 1e-6
 
 
@@ -85,8 +97,15 @@ class ClampedSwiGLU(nn.Module):
         dtype = up.dtype
         gate, up = gate.astype(mx.float32), up.astype(mx.float32)
         limit = self.limit
-        clip = limit > 0 or on("clips_at_zero_limit")
+        if limit is None:
+            if on("limit_none_typeerror"):
+                gate = mx.minimum(gate, limit)  # a port that assumes a number: TypeError
+            clip = False
+        else:
+            clip = limit > 0 or on("clips_at_zero_limit")
         if on("half_precision_drops_clip") and dtype != mx.float32:
+            clip = False
+        if dtype == mx.bfloat16 and on(f"bf16_skips_{self.part}_clip"):
             clip = False
         if clip:
             two_sided = (on("two_sided_gate_clip") and self.part == "routed") or (
@@ -201,6 +220,8 @@ class MoE(nn.Module):
                 out = out + self.shared_experts(x).astype(mx.float32)
         if self.sharding_group is not None:
             out = mx.distributed.all_sum(out, group=self.sharding_group)
+        if on("bf16_output_scaled") and x.dtype == mx.bfloat16:
+            out = out * 0.8
         return out if on("float32_output") else out.astype(x.dtype)
 
 

@@ -42,13 +42,127 @@ class Mutant:
 
     @property
     def bug(self) -> str:
-        """The docstring of the broken part: the bug class it stands for."""
-        return (self.part.__doc__ or "").strip().splitlines()[0]
+        """The bug class it stands for (the BUGS table)."""
+        return BUGS.get(self.name, ("", "(not catalogued)"))[1]
 
     @property
     def family(self) -> str:
         """router, activation, shared, switch, fusion, sharding or quantization."""
-        return self.part.__module__.rsplit(".", 1)[-1]
+        return BUGS.get(self.name, ("(not catalogued)", ""))[0]
+
+
+# Every known-bad implementation: its family (the module it lives in) and
+# the bug class it stands for, in one sentence.  Listed by hand: the kill
+# matrix and tests/test_known_bad.py read these, never a docstring.
+BUGS: dict[str, tuple[str, str]] = {
+    'softmax_for_sqrtsoftplus': ('router', 
+        'Softmax for sqrtsoftplus: the MLX router scores with softmax instead.'),
+    'bias_in_weights': ('router', 
+        'Bias in the weights: the MLX router weighs experts by their biased scores.'),
+    'no_renormalisation': ('router', 
+        'No renormalisation: the MLX router uses the chosen scores as they are.'),
+    'router_epsilon': ('router', 'Epsilon 1e-8: the MLX router renormalises by sum(w) + 1e-8.'),
+    'naive_softplus': ('router', 
+        "Naive softplus: the MLX router's float32 log1p(exp(z)) overflows past 88.7."),
+    'hash_table_ignored': ('router', 
+        'Hash table ignored: the MLX router routes hash layers by score.'),
+    'bfloat16_router_matmul': ('router', 
+        "bfloat16 router matmul: the MLX router's logits in bfloat16, not float32."),
+    'np_softmax_for_sqrtsoftplus': ('router', 
+        'Softmax for sqrtsoftplus: softmax scores where score_func says sqrtsoftplus.'),
+    'np_bias_in_weights': ('router', 'Bias in the weights: weights from scores + bias.'),
+    'np_no_renormalisation': ('router', 'No renormalisation: chosen scores never renormalised.'),
+    'np_epsilon': ('router', 
+        'Epsilon 1e-8 in the renormalisation: all-zero scores give 0, not NaN.'),
+    'np_naive_softplus': ('router', 
+        'Naive softplus: sqrt(log1p(exp(z))) overflows to inf at large logits.'),
+    'np_hash_table_ignored': ('router', 
+        'Hash table ignored: a hash layer routed by score, tid2eid never read.'),
+    'np_hash_with_bias': ('router', 
+        "Hash layer biased: the bias still picks among the table's experts and the rest."),
+    'clip_after_silu': ('activation', 
+        'Clip after silu: the MLX routed experts clip silu(gate), not gate.'),
+    'two_sided_gate_clip': ('activation', 
+        'Two-sided gate clip: the MLX routed experts clip gate to [-L, L].'),
+    'no_up_clip': ('activation', 'No up clip: the MLX routed experts never clip up.'),
+    'limit_not_honoured': ('activation', 
+        'Limit <= 0 not honoured: the MLX routed experts clip to |limit| anyway.'),
+    'activation_arguments_swapped': ('activation', 
+        "Arguments swapped: the MLX routed experts' activation reads (gate, up)."),
+    'np_clip_after_silu': ('activation', 
+        'Clip after silu: the clip applied to silu(gate) rather than to gate.'),
+    'np_two_sided_gate_clip': ('activation', 
+        'Two-sided gate clip: gate clipped to [-L, L], not from above only.'),
+    'np_no_up_clip': ('activation', 'No up clip: only gate is clipped; up passes unclipped.'),
+    'np_limit_not_honoured': ('activation', 
+        'limit <= 0 not honoured: clips to |limit| whatever its sign.'),
+    'np_arguments_swapped': ('activation', 
+        'Arguments swapped: clips and gates the wrong projection.'),
+    'shared_unclipped': ('shared', 
+        'Shared expert unclipped under the later revision (shared-clipped).'),
+    'shared_dropped': ('shared', 'Shared expert dropped: never added to the routed output.'),
+    'no_unsort': ('switch', 'No unsort: SwitchGLU sorts tokens by expert and never unsorts them.'),
+    'no_unsort_vs_reference': ('switch', 
+        'No unsort: SwitchGLU sorts tokens by expert and never unsorts them.'),
+    'bfloat16_truncated': ('quantization', 
+        "bfloat16 by truncation: float32's low 16 bits dropped, not rounded."),
+    'fused_multiply_add': ('quantization', 
+        'Fused multiply-add: ``scale * q + bias`` rounded once, not twice.'),
+    'global_scale_divided': ('quantization', 
+        'nvfp4 global scale inverted: applied the other way round.'),
+    'group_off_by_one': ('quantization', 
+        'Group boundary off by one: element j reads group (j + 1) // group_size.'),
+    'scales_biases_swapped': ('quantization', 
+        "Scales and biases swapped: passed in each other's place."),
+    'fused_gate_up_order': ('fusion', 
+        "[gate, up] order: gate's rows first, but the first half is used as up."),
+    'fused_gate_up_order_behaviour': ('fusion', 
+        "[gate, up] order: gate's rows first, but the first half is used as up."),
+    'fused_gate_up_order_vs_unfused': ('fusion', 
+        "[gate, up] order: gate's rows first, but the first half is used as up."),
+    'fused_mixed_order': ('fusion', 
+        'Mixed order: weight [up, gate] but scales and affine biases [gate, up].'),
+    'fused_mixed_order_behaviour': ('fusion', 
+        'Mixed order: weight [up, gate] but scales and affine biases [gate, up].'),
+    'fused_wrong_split': ('fusion', 
+        'Wrong split point: the fused output split by alternating columns.'),
+    'fused_wrong_split_vs_unfused': ('fusion', 
+        'Wrong split point: the fused output split by alternating columns.'),
+    'fused_no_clip': ('fusion', 
+        'Fused path without the clip: a plain SwiGLU replaces the activation.'),
+    'fused_no_clip_behaviour': ('fusion', 
+        'Fused path without the clip: a plain SwiGLU replaces the activation.'),
+    'fused_sort_threshold_8': ('fusion', 'Sort threshold 8 with an unsort to indices.shape[:-1].'),
+    'fused_keeps_unfused_alive': ('fusion', 
+        'Old weights kept alive: the original SwitchGLU stashed in `_unfused`.'),
+    'fused_drops_linear_bias': ('fusion', 
+        "Linear bias dropped: gate's and up's bias are not carried into the fusion."),
+    'fused_drops_global_scale': ('fusion', 
+        'nvfp4 global scale dropped: the fused projection is built without it.'),
+    'fused_drops_global_scale_behaviour': ('fusion', 
+        'nvfp4 global scale dropped: the fused projection is built without it.'),
+    'fused_ignores_global_scale': ('fusion', 
+        'nvfp4 global scale unused: kept as a parameter, never passed to gather_qmm.'),
+    'fused_fuse_then_shard': ('fusion', 
+        'Fuse then shard: the fused rows are split across ranks like any others.'),
+    'shard_no_all_sum': ('sharding', "No all_sum: the ranks' partial outputs are never added."),
+    'shard_two_all_sums': ('sharding', 
+        'Two all_sums: one in the MoE wrapper, one in the layer: N times the answer.'),
+    'shard_down_wrong_axis': ('sharding', 
+        'Wrong axis: down_proj sliced along its output axis, not its input axis.'),
+    'shard_shared_left_whole': ('sharding', 
+        'Shared expert summed on every rank: left whole, yet all_summed.'),
+    'shard_bias_on_every_rank': ('sharding', 
+        "Bias counted N times: down_proj's linear bias kept on every rank."),
+    'shard_bias_on_every_rank_structure': ('sharding', 
+        "Bias counted N times: down_proj's linear bias kept on every rank."),
+    'shard_rank_dependent_routing': ('sharding', 
+        'Rank-dependent routing: ranks choose different experts.'),
+    'shard_global_scale_by_expert': ('sharding', 
+        "Global scale sliced by expert: nvfp4's per-expert scale split like a weight."),
+    'shard_global_scale_by_expert_structure': ('sharding', 
+        "Global scale sliced by expert: nvfp4's per-expert scale split like a weight."),
+}
 
 
 # --- where each bug class lives ------------------------------------------------
@@ -251,28 +365,22 @@ def _focused(mutant: Mutant) -> Mutant:
 
 
 def _module_entries() -> list[Mutant]:
-    """Entries that mutant modules declare themselves, as ``entries()``."""
-    import importlib
-    import pkgutil
+    """Entries the fusion and sharding mutant modules list themselves."""
+    from dsv4shard.testing.mutants import fusion, sharding
 
-    found = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if hasattr(module, "entries"):
-            found.extend(module.entries())
-    return found
+    return fusion.entries() + sharding.entries()
+
+
+# The quantization mutants: each a NumPy dequantizer with one bug, run through
+# dequantize_matches_mlx.
+QUANTIZATION = ("group_off_by_one", "scales_biases_swapped", "bfloat16_truncated",
+                "fused_multiply_add", "global_scale_divided")
 
 
 def _quantization_entries() -> list[Mutant]:
-    try:
-        from dsv4shard.testing.mutants import quantization as q
-        from dsv4shard.testing.properties import quantization as qp
-    except ImportError:  # written alongside; absent only mid-change
-        return []
     from dsv4shard.testing import strategies as s
+    from dsv4shard.testing.mutants import quantization as q
+    from dsv4shard.testing.properties import quantization as qp
 
-    return [
-        Mutant(name.removeprefix("dequantize_"), qp.dequantize_matches_mlx, s.quant_cases,
-               {"dequantize": getattr(q, name)})
-        for name in sorted(vars(q)) if name.startswith("dequantize_")
-    ]
+    return [Mutant(name, qp.dequantize_matches_mlx, s.quant_cases,
+                   {"dequantize": getattr(q, f"dequantize_{name}")}) for name in QUANTIZATION]

@@ -1,0 +1,90 @@
+"""The property table is complete, unambiguous, and what the views show."""
+
+import importlib
+import inspect
+
+from dsv4shard.engine import outcome as o
+from dsv4shard.engine.records import Property, by_name, kind_of, table, variant_properties
+from dsv4shard.engine.run import run
+from dsv4shard.testing.strategies import VariantCase
+
+MODULES = ("end_to_end", "fused", "quantization", "reference_edges", "sharded", "unfused",
+           "variant")
+# Public functions of the property modules that take a case but are helpers.
+HELPERS = {"tokens", "logits_bound", "run", "build", "inputs", "skip_unsupported", "attempt",
+           "install", "make_matrix", "reproducer", "fail", "chosen_scores", "sharded_bound",
+           "virtual_sum", "run_on_ranks", "built", "extreme_probes", "setting_of"}
+
+
+def test_every_property_function_is_in_the_table():
+    listed = {r.fn for r in table()}
+    for name in MODULES:
+        module = importlib.import_module(f"dsv4shard.testing.properties.{name}")
+        for fname, fn in vars(module).items():
+            if (inspect.isfunction(fn) and fn.__module__ == module.__name__
+                    and not fname.startswith("_") and fname not in HELPERS
+                    and list(inspect.signature(fn).parameters)[:1] == ["case"]):
+                assert fn in listed, f"{name}.{fname} takes a case but is not in the table"
+
+
+def test_names_are_unique_within_a_keyword_and_every_record_says_what_it_checks():
+    seen = set()
+    for r in table():
+        assert (r.keyword, r.name) not in seen, r.name
+        seen.add((r.keyword, r.name))
+        assert r.summary and r.case and r.keyword, r.name
+        assert r.fn.__name__ == r.name or r.keyword == "variant", r.name
+
+
+def test_kinds_are_keyword_and_case_type():
+    kin = [r.qualified for r in kind_of(by_name("all_zero_scores_give_nan"))]
+    assert kin == ["reference_edges.all_zero_scores_give_nan"]
+    kin = {r.qualified for r in kind_of(by_name("switch_glu_matches_reference"))}
+    assert kin == {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
+                   "unfused.sorted_matches_unsorted", "unfused.moe_matches_reference_at_extremes"}
+    assert all(r.kind == ("variant", "VariantCase") for r in variant_properties())
+
+
+def _record(fn, required=True):
+    from hypothesis import strategies as st
+
+    return Property(fn.__name__, fn, lambda: st.builds(VariantCase, seed=st.integers(0, 9),
+                                                       n_experts=st.just(8), top_k=st.just(2),
+                                                       n_tokens=st.just(4),
+                                                       activation_scale=st.just(1.0)),
+                    "variant", "VariantCase", "a test's property", required)
+
+
+def test_the_runner_gives_each_word():
+    def passes(case):
+        return "fine"
+
+    def departs(case):
+        raise o.Departure("wrong by 2x")
+
+    def not_applicable(case):
+        raise o.NotApplicable("no shard()")
+
+    def declines(case):
+        raise NotImplementedError("experts with a linear bias are not fused")
+
+    def minor(case):
+        raise o.Minor("one extra rounding")
+
+    def crashes(case):
+        raise ValueError("boom")
+
+    def defect(case):
+        raise o.BackendDefect("gather_qmm on the GPU disagrees with mx.cpu")
+
+    got = {fn.__name__: run(_record(fn), examples=3) for fn in
+           (passes, departs, not_applicable, declines, minor, crashes, defect)}
+    assert got["passes"].status == o.PASS and got["passes"].detail == "fine"
+    assert got["departs"].status == o.FAIL and got["departs"].detail == "wrong by 2x"
+    assert got["departs"].reproduce.startswith("python -m dsv4shard.testing.repro")
+    assert got["not_applicable"].status == o.SKIP and "no shard()" in got["not_applicable"].detail
+    assert got["declines"].status == o.DECLINED and "linear bias" in got["declines"].detail
+    assert got["minor"].status == o.DEPARTS and "extra rounding" in got["minor"].detail
+    assert got["crashes"].status == o.FAIL and "raised ValueError: boom" in got["crashes"].detail
+    assert got["defect"].status == o.BACKEND
+    assert run(_record(departs, required=False), examples=3).status == o.DEPARTS
