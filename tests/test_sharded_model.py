@@ -2,13 +2,13 @@
 shard() over real ranks against the same Model unsharded
 (dsv4shard.variants.sharded_model; SPEC sections 5 and 7)."""
 
+import re
 from pathlib import Path
 
 import mlx_lm.models.deepseek_v41 as deepseek_v41
 import pytest
 
 from dsv4shard.engine.outcome import Departure, NotApplicable
-from dsv4shard.ranks import shared
 from dsv4shard.variants import sharded_model
 from dsv4shard.variants.adapter import Variant
 
@@ -17,14 +17,22 @@ pytestmark = pytest.mark.distributed
 VARIANTS = Path(__file__).parent / "variants"
 
 
-def run(spec, ranks=2):
-    return sharded_model.check(Variant(str(spec)), ranks, pool=shared.pool(ranks))
+def run(spec, ranks=2, overrides=None):
+    """The check on the session's shared pool of ``ranks`` ranks (started
+    afresh by the check if an earlier job's import changed its processes)."""
+    return sharded_model.check(Variant(str(spec)), ranks, overrides=overrides)
 
 
-@pytest.mark.parametrize("ranks", [2, 4])
-def test_released_deepseek_v41_gives_the_unsharded_logits(ranks):
-    detail = run("mlx_lm.models.deepseek_v41", ranks)
+# The released model at 2 and 4 ranks with the adapter's head counts is in
+# the variant report (tests/test_variants.py::test_deepseek_v41_is_reported_as_it_is).
+@pytest.mark.parametrize("ranks, overrides", [
+    (2, {"num_attention_heads": 8, "o_groups": 4}),  # several heads and groups a rank
+])
+def test_released_deepseek_v41_gives_the_unsharded_logits(ranks, overrides):
+    detail = run("mlx_lm.models.deepseek_v41", ranks, overrides)
     assert f"every rank of {ranks}" in detail
+    held = int(re.search(r"holding (\d+)% of the parameter bytes", detail).group(1))
+    assert held < 100  # really sharded: not two unsharded Models compared
 
 
 def test_unsliced_sinks_crash_is_named_by_layer_and_operation():
@@ -34,6 +42,7 @@ def test_unsliced_sinks_crash_is_named_by_layer_and_operation():
     assert "sharded forward failed in model.layers.0.self_attn" in message
     assert "(scaled_dot_product_attention)" in message
     assert "invalid shape for sinks" in message
+    assert "attention" in message.split("]", 1)[-1]  # the module is named attention
 
 
 def test_rank0_sinks_everywhere_is_a_wrong_answer_in_attention():
@@ -41,17 +50,16 @@ def test_rank0_sinks_everywhere_is_a_wrong_answer_in_attention():
         run(VARIANTS / "sinks_rank0.py")
     message = str(failure.value)
     assert "first departs in model.layers.0.self_attn (attention" in message
-    assert "logits differ" in message
+    assert "logits differ at the prefill" in message
 
 
-def test_the_tiny_model_is_really_sharded():
-    """The ranks' Model holds 1/N of the heads, so the comparison is not
-    between two unsharded Models (and 4 ranks get 4 heads to divide)."""
+def test_head_counts_divide_by_the_ranks():
     variant = Variant("mlx_lm.models.deepseek_v41")
-    for ranks in (2, 4):
+    for ranks in (2, 3, 4, 8):
         args = sharded_model.tiny_args(variant, ranks)
         assert args.num_attention_heads % ranks == 0 and args.o_groups % ranks == 0
-    assert sharded_model.tiny_args(variant, 4, {"o_groups": 8}).o_groups == 8
+    with pytest.raises(ValueError, match="no field of ModelArgs: num_kv_heads"):
+        sharded_model.check(variant, 2, overrides={"num_kv_heads": 4})
 
 
 def test_in_memory_module_is_not_applicable():

@@ -293,7 +293,14 @@ class VariantCase:
     n_tokens: int
     activation_scale: float
     batched: bool = False
+    routed_quant: QuantFormat = QuantFormat("mxfp4", 32, 4)  # as checkpoints store experts
 
+
+# The routed experts' formats of DeepSeek-V4 checkpoints for MLX: mxfp4
+# (the published conversion), affine 4/6/8-bit (mlx-community conversions;
+# groups of 32 here, as the tiny blocks' intermediate size is 32).
+CHECKPOINT_FORMATS = (QuantFormat("mxfp4", 32, 4), QuantFormat("affine", 32, 4),
+                      QuantFormat("affine", 32, 6), QuantFormat("affine", 32, 8))
 
 # Token counts on both sides of SwitchGLU's sort threshold (T * k >= 64 at
 # 40 tokens for every k >= 2).
@@ -311,6 +318,9 @@ def variant_cases(draw) -> VariantCase:
         n_tokens=draw(st.sampled_from(VARIANT_TOKENS), label="n_tokens"),
         activation_scale=draw(st.sampled_from([1.0, 30.0, 100.0]), label="activation_scale"),
         batched=draw(st.booleans(), label="batched"),
+        routed_quant=draw(st.sampled_from([f for f in CHECKPOINT_FORMATS
+                                           if unsupported(f, "bfloat16") is None]
+                                          or list(CHECKPOINT_FORMATS)), label="routed_quant"),
     )
 
 

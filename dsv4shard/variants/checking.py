@@ -168,7 +168,7 @@ def check_isolated(spec: str, names=None, examples: int = VARIANT_EXAMPLES,
 
     with tempfile.TemporaryDirectory(prefix="dsv4shard-variant-") as tmp:
         out = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "dsv4shard.variants.checking", "--out", out,
+        cmd = [sys.executable, "-m", "dsv4shard.variants.child", "--out", out,
                "--examples", str(examples), spec]
         for n in names or ():
             cmd += ["--only", n]

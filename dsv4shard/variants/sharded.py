@@ -69,10 +69,10 @@ def rank_job(job: dict, group) -> dict:
 
 
 def check(variant: Variant, pool=None) -> str:
-    from dsv4shard.ranks import shared
-    from dsv4shard.ranks.pool import RankFailure
     from dsv4shard.engine.outcome import Departure
     from dsv4shard.engine.outcome import NotApplicable as Skip
+    from dsv4shard.ranks import shared
+    from dsv4shard.ranks.pool import RankFailure
     from dsv4shard.variants.probes import block_revision, clear_tokens
 
     model_cls = variant.layout.model_cls

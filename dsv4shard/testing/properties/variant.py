@@ -23,7 +23,14 @@ from dsv4shard.engine.outcome import Departure, Minor, NotApplicable
 from dsv4shard.testing import tolerance
 from dsv4shard.testing.strategies import VariantCase
 from dsv4shard.variants import data
-from dsv4shard.variants.adapter import HIDDEN, Setting, Variant, set_weight, signature_text, takes_ids
+from dsv4shard.variants.adapter import (
+    HIDDEN,
+    Setting,
+    Variant,
+    set_weight,
+    signature_text,
+    takes_ids,
+)
 from dsv4shard.variants.probes import (
     bf16,
     block_revision,
@@ -93,7 +100,8 @@ def moe_matches_reference(case: VariantCase, variant: Variant) -> str:
 
 
 def quantized_moe_matches_reference(case: VariantCase, variant: Variant) -> str:
-    reason = backend.unsupported(MXFP4, "bfloat16")
+    fmt = case.routed_quant
+    reason = backend.unsupported(fmt, "bfloat16")
     if reason:
         raise NotApplicable(reason)
     revision = block_revision(variant)
@@ -101,12 +109,16 @@ def quantized_moe_matches_reference(case: VariantCase, variant: Variant) -> str:
     # Large activations drive gate and up deep past the clip: a bfloat16 path
     # that loses the clip is off by ~scale^2 while the bound grows ~scale.
     built = variant.build(setting, data.weights(setting, case.seed, case.activation_scale),
-                          quant=MXFP4, shared_quant=AFFINE8, dtype="bfloat16")
+                          quant=fmt, shared_quant=AFFINE8, dtype="bfloat16")
+    forced = built.forced_quant
+    what = forced if forced else fmt
     x = data.tokens(case.n_tokens, case.seed, "bfloat16")
     compare_block(built, x, setting.config(revision), "bfloat16",
-                  f"mxfp4/bfloat16, {case.n_tokens} tokens, activation scale "
+                  f"{what.mode} {what.bits}-bit group {what.group_size} routed experts, "
+                  f"bfloat16, {case.n_tokens} tokens, activation scale "
                   f"{case.activation_scale:g}")
-    return "mxfp4 routed + affine-8 shared experts in bfloat16 within the stage bound"
+    return "checkpoint formats (routed mxfp4 / affine 4-8, shared affine-8) in bfloat16 " \
+           "within the stage bound"
 
 
 def routed_clip(case: VariantCase, variant: Variant) -> str:
