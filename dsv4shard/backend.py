@@ -1,6 +1,20 @@
-"""What the running MLX backend can compute, and why not when it cannot."""
+"""What the running MLX backend can compute, and why not when it cannot.
+
+Every known defect or limitation of an MLX kernel is one record of
+:data:`DEFECTS`: whose kernel (``cpu``: MLX's CPU code, also reachable as
+``mx.cpu`` inside a GPU build; ``cuda``), the operations, what goes wrong,
+the experts' formats and dtypes the drawn cases leave out because of it
+(or that the properties guard against by construction), which cases of
+``dsv4shard doctor``'s map it explains, and the probe that shows it.
+``tests/test_backend_defects.py`` runs every probe as a strict xfail, so a
+fixed MLX turns it red and the record can go.  ``dsv4shard doctor`` says
+which records to add.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import mlx.core as mx
 
@@ -15,44 +29,171 @@ def name() -> str:
     return "cuda"
 
 
-def unsupported(quant: QuantFormat | None, dtype: str) -> str | None:
-    """Why this backend cannot run experts in ``quant`` and ``dtype``, or None.
+FLOAT_FORMATS = ("mxfp4", "nvfp4", "mxfp8")
 
-    Facts of MLX 0.32.4 (SPEC §2): on the CPU build dense gather_mm runs only
-    in float32, and gather_qmm with an nvfp4 global scale runs only on a GPU.
-    Found by this suite: the CPU gather_qmm in float16 for mxfp8 returns inf
-    once the unscaled e4m3 codes times x sum past float16's range, although
-    the true output is in range (tests/test_backend_defects.py shows it).
-    """
-    if name() == "cuda":
-        if quant is not None and quant.global_scale and dtype == "float16":
-            return ("MLX's CUDA gather_qmm with an nvfp4 global scale returns NaN in float16 "
-                    "once activations reach ~30, the true output in range (seen on H200)")
-        if quant is not None and quant.mode == "affine" and quant.group_size == 128:
-            return ("MLX's CUDA affine group-128 kernels: QuantizedLinear returns wrong "
-                    "values and the sorted gather_qmm fails to launch (seen on H200)")
-        return None
-    if name() != "cpu":
-        return None
-    if quant is None and dtype != "float32":
-        return f"MLX's CPU gather_mm runs only in float32, not {dtype}"
-    if quant is not None and quant.global_scale:
-        return "MLX's CPU gather_qmm has no nvfp4 global scale (GPU only)"
-    if quant is not None and quant.mode == "mxfp8" and dtype == "float16":
-        return ("MLX's CPU gather_qmm overflows to inf for mxfp8 in float16 "
-                "(it sums unscaled codes in float16)")
+
+@dataclass(frozen=True)
+class Defect:
+    """One defect (or limitation) of one backend's kernels."""
+
+    key: str
+    backend: str  # whose kernels: "cpu" or "cuda"
+    ops: tuple[str, ...]  # the MLX operations
+    kind: str  # unsupported (raises), wrong, overflow (inf), nan, launch, hang
+    reason: str  # one sentence; ``{dtype}`` is filled in
+    # The experts' formats and dtypes it touches: drawn cases leave them out
+    # (``unsupported``), or, with ``guard``, the properties keep clear of it
+    # by construction (``float16_code_overflow``).  None: neither.
+    experts: Callable[[QuantFormat | None, str], bool] | None
+    # The cases of the doctor's map (``dsv4shard.attribution.OpCase``) it explains.
+    case: Callable[[Any], bool]
+    # OpCase fields of the probe: the cases that show it today.
+    probe: tuple[dict, ...]
+    guard: bool = False
+
+    def because(self, dtype: str = "") -> str:
+        return self.reason.format(dtype=dtype)
+
+
+
+def _is(case, op=None, mode=None, dtype=None, **fields) -> bool:
+    if op is not None and case.op not in ((op,) if isinstance(op, str) else op):
+        return False
+    if mode is not None and case.mode not in ((mode,) if isinstance(mode, str) else mode):
+        return False
+    if dtype is not None and case.dtype not in ((dtype,) if isinstance(dtype, str) else dtype):
+        return False
+    return all(getattr(case, k) == v for k, v in fields.items())
+
+
+def _gather(op, dtype, fmt=None, tokens=3, n=64, k=64, sort=False, x_scale=1.0):
+    """A probe: a gather op as SwitchGLU calls it (4 experts, k = 2)."""
+    x_shape, indices = ((tokens * 2, 1, k), (tokens * 2,)) if sort else \
+        ((tokens, 1, 1, k), (tokens, 2))
+    fields = dict(op=op, dtype=dtype, x_shape=x_shape, indices_shape=indices,
+                  sorted_indices=sort, x_scale=x_scale,
+                  w_shape=(4, k, n) if op == "gather_mm" else (4, n, k))
+    if fmt is not None:
+        fields.update(mode=fmt.mode, bits=fmt.bits, group_size=fmt.group_size,
+                      global_scale=fmt.global_scale)
+    return fields
+
+
+def _qmm(dtype, fmt, tokens, n=64, k=64):
+    return dict(op="quantized_matmul", dtype=dtype, x_shape=(tokens, k), w_shape=(n, k),
+                mode=fmt.mode, bits=fmt.bits, group_size=fmt.group_size)
+
+
+MXFP4 = QuantFormat("mxfp4", 32, 4)
+MXFP8 = QuantFormat("mxfp8", 32, 8)
+NVFP4 = QuantFormat("nvfp4", 16, 4)
+NVFP4_GS = QuantFormat("nvfp4", 16, 4, global_scale=True)
+AFFINE_8_G64 = QuantFormat("affine", 64, 8)
+AFFINE_4_G128 = QuantFormat("affine", 128, 4)
+
+DEFECTS: tuple[Defect, ...] = (
+    Defect(
+        "cpu-gather-mm-float32-only", "cpu", ("gather_mm",), "unsupported",
+        "MLX's CPU gather_mm runs only in float32, not {dtype}",
+        experts=lambda quant, dtype: quant is None and dtype != "float32",
+        case=lambda c: _is(c, "gather_mm") and c.dtype != "float32",
+        probe=(_gather("gather_mm", "float16"), _gather("gather_mm", "bfloat16"))),
+    Defect(
+        "cpu-gather-qmm-global-scale", "cpu", ("gather_qmm",), "unsupported",
+        "MLX's CPU gather_qmm has no nvfp4 global scale (GPU only)",
+        experts=lambda quant, dtype: quant is not None and quant.global_scale,
+        case=lambda c: _is(c, "gather_qmm", global_scale=True),
+        probe=(_gather("gather_qmm", "float32", NVFP4_GS),)),
+    Defect(
+        "cpu-mxfp8-float16-inf", "cpu", ("gather_qmm",), "overflow",
+        "MLX's CPU gather_qmm overflows to inf for mxfp8 in float16 "
+        "(it sums unscaled codes in float16)",
+        experts=lambda quant, dtype: (quant is not None and quant.mode == "mxfp8"
+                                      and dtype == "float16"),
+        case=lambda c: _is(c, "gather_qmm", "mxfp8", "float16"),
+        probe=(_gather("gather_qmm", "float16", MXFP8, k=256, x_scale=30.0),)),
+    Defect(
+        "cpu-float16-code-overflow", "cpu", ("gather_qmm",), "overflow",
+        "MLX's CPU gather_qmm sums unscaled float-format codes in float16: "
+        "inf once |x| * max|code| * group passes 65504",
+        experts=lambda quant, dtype: (dtype == "float16" and quant is not None
+                                      and quant.mode in FLOAT_FORMATS),
+        case=lambda c: _is(c, "gather_qmm", FLOAT_FORMATS, "float16"),
+        probe=(_gather("gather_qmm", "float16", MXFP4, k=256, x_scale=3000.0),
+               _gather("gather_qmm", "float16", NVFP4, k=256, x_scale=3000.0)),
+        guard=True),
+    Defect(
+        "cuda-gather-qmm-global-scale-float16-nan", "cuda", ("gather_qmm",), "nan",
+        "MLX's CUDA gather_qmm with an nvfp4 global scale returns NaN in float16 "
+        "once activations reach ~30, the true output in range (seen on H200)",
+        experts=lambda quant, dtype: (quant is not None and quant.global_scale
+                                      and dtype == "float16"),
+        case=lambda c: _is(c, "gather_qmm", dtype="float16", global_scale=True),
+        probe=(_gather("gather_qmm", "float16", NVFP4_GS, x_scale=30.0),
+               _gather("gather_qmm", "float16", NVFP4_GS, tokens=40, sort=True,
+                       x_scale=30.0))),
+    Defect(
+        "cuda-affine-group-128", "cuda", ("quantized_matmul", "gather_qmm"), "wrong",
+        "MLX's CUDA affine group-128 kernels: QuantizedLinear returns wrong "
+        "values and the sorted gather_qmm fails to launch (seen on H200)",
+        experts=lambda quant, dtype: (quant is not None and quant.mode == "affine"
+                                      and quant.group_size == 128),
+        case=lambda c: (_is(c, ("quantized_matmul", "gather_qmm"), "affine")
+                        and c.group_size == 128),
+        probe=tuple(_qmm("float32", AFFINE_4_G128, t, k=128) for t in (1, 3, 8, 32))
+        + (_gather("gather_qmm", "float32", AFFINE_4_G128, tokens=40, k=128, sort=True),)),
+    Defect(
+        "cuda-quantized-matmul-affine-few-rows", "cuda", ("quantized_matmul",), "wrong",
+        "MLX's CUDA quantized_matmul (affine, group 64, float32) returns wrong rows for x "
+        "of a few rows: 8 bits, x of 3 rows, a 64x64 weight gave a relative error of 1.0 "
+        "against mx.cpu on the same arrays, 1 row exact (seen on H200)",
+        experts=lambda quant, dtype: (quant is not None and quant.mode == "affine"
+                                      and quant.group_size == 64 and dtype == "float32"),
+        case=lambda c: (_is(c, "quantized_matmul", "affine", "float32")
+                        and c.group_size == 64 and 1 < c.tokens < 16),
+        probe=(_qmm("float32", AFFINE_8_G64, 3),)),
+)
+
+
+def rows(backend: str | None = None) -> list[Defect]:
+    """The records of ``backend``'s kernels (all of them with None)."""
+    return [d for d in DEFECTS if backend is None or d.backend == backend]
+
+
+def by_key(key: str) -> Defect:
+    for d in DEFECTS:
+        if d.key == key:
+            return d
+    raise KeyError(f"no defect record {key!r}; records: {', '.join(d.key for d in DEFECTS)}")
+
+
+def known(case, backend: str) -> Defect | None:
+    """The record that explains a departure of ``backend``'s kernel on a
+    doctor case, or None (a row to add)."""
+    for d in rows(backend):
+        if d.case(case):
+            return d
+    return None
+
+
+def unsupported(quant: QuantFormat | None, dtype: str) -> str | None:
+    """Why this backend cannot run experts in ``quant`` and ``dtype``, or None:
+    the reason of the first record of the running backend that leaves them
+    out (tests/test_backend_defects.py probes each)."""
+    for d in rows(name()):
+        if not d.guard and d.experts is not None and d.experts(quant, dtype):
+            return d.because(dtype)
     return None
 
 
 def float16_code_overflow(quant: QuantFormat | None, dtype: str) -> str | None:
     """Why large activations overflow this backend's float16 float-format
-    kernels, or None.  Found by this suite on MLX 0.32.4's CPU build: its
-    gather_qmm sums x times the unscaled mxfp4/nvfp4 codes of a group in
-    float16 and returns inf once that passes 65504, although the true output
-    is in range.  A clipped SwiGLU keeps |h| <= L^2 and stays clear of it;
-    unclipped, large activations do not."""
-    if (name() == "cpu" and dtype == "float16" and quant is not None
-            and quant.mode in ("mxfp4", "nvfp4", "mxfp8")):
-        return ("MLX's CPU gather_qmm sums unscaled float-format codes in float16: "
-                "inf once |x| * max|code| * group passes 65504")
+    kernels, or None: MLX's CPU gather_qmm sums x times the unscaled
+    mxfp4/nvfp4/mxfp8 codes of a group in float16 and returns inf once that
+    passes 65504, although the true output is in range.  A clipped SwiGLU
+    keeps |h| <= L^2 and stays clear of it; unclipped, large activations do
+    not, so the strategies keep them small there."""
+    for d in rows(name()):
+        if d.guard and d.experts is not None and d.experts(quant, dtype):
+            return d.because(dtype)
     return None

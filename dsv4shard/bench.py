@@ -184,7 +184,8 @@ def activation_dtype():
 
 
 def bench_format(name: str, fmt: QuantFormat, experts: int, repeats: int,
-                 prefill_repeats: int, peak: float) -> tuple[list[Row], dict]:
+                 prefill_repeats: int, peak: float, tokens=None,
+                 progress=None) -> tuple[list[Row], dict]:
     dtype = activation_dtype()
     memory = memory_held(name, fmt, experts)
     glu = flash_layer(experts, fmt)
@@ -192,17 +193,19 @@ def bench_format(name: str, fmt: QuantFormat, experts: int, repeats: int,
     fused = install_fused(flash_layer(experts, fmt))  # a twin of the same sizes
     rows = []
     key = mx.random.key(1)
-    for t in (*DECODE_TOKENS, PREFILL_TOKENS):
+    for t in tokens or (*DECODE_TOKENS, PREFILL_TOKENS):
+        if progress:
+            progress(f"bench: {name}, {t} token{'s' * (t != 1)}")
         x = (mx.random.normal((t, 4096), key=key) * 0.1).astype(dtype)
         idx = mx.random.randint(0, experts, (t, 6), key=key).astype(mx.uint32)
         mx.eval(x, idx)
-        reps = repeats if t in DECODE_TOKENS else prefill_repeats
+        reps = repeats if t <= max(DECODE_TOKENS) else prefill_repeats
         unfused_call, fused_call = partial(glu, x, idx), partial(fused, x, idx)
         unfused_s = time_call(unfused_call, reps)
         fused_s = time_call(fused_call, reps)
         weight = touched_experts(idx) * per_expert
         (ul, um), (fl, fm) = launches(unfused_call), launches(fused_call)
-        rows.append(Row(name, t, "decode" if t in DECODE_TOKENS else "prefill",
+        rows.append(Row(name, t, "decode" if t <= max(DECODE_TOKENS) else "prefill",
                         unfused_s * 1e3, fused_s * 1e3, fused_s / unfused_s,
                         ul, fl, um, fm,
                         weight / 1e6, weight / unfused_s / 1e9, weight / fused_s / 1e9,
@@ -272,14 +275,16 @@ def plot(rows: list[Row], path: str, device: str) -> None:
 
 
 def run(experts: int | None = None, repeats: int = 20, prefill_repeats: int = 5,
-        formats=None, json_path=None, markdown_path=None, plot_path=None) -> str:
+        formats=None, json_path=None, markdown_path=None, plot_path=None, tokens=None,
+        progress=None) -> str:
     if experts is None:
         experts = 256 if backend.name() != "cpu" else 32
     device = device_name()
     peak = measured_peak_bandwidth()
     rows, memory = [], []
     for name in formats or FORMATS:
-        r, m = bench_format(name, FORMATS[name], experts, repeats, prefill_repeats, peak)
+        r, m = bench_format(name, FORMATS[name], experts, repeats, prefill_repeats, peak,
+                            tokens, progress)
         rows += r
         memory.append(m)
     table = markdown(rows, memory, f"{device}, E={experts}, activations "
@@ -296,19 +301,84 @@ def run(experts: int | None = None, repeats: int = 20, prefill_repeats: int = 5,
     return table
 
 
+# ``--quick``: one format, a few experts and repeats, decode only: under a
+# minute on two CPU cores.
+QUICK = {"experts": 8, "repeats": 3, "prefill_repeats": 1, "tokens": "1,8",
+         "formats": ["mxfp4-g32"]}
+DEFAULTS = {"experts": None, "repeats": 20, "prefill_repeats": 5, "tokens": None,
+            "formats": None}
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--experts", type=int, help="routed experts (default 256; 32 on CPU)")
-    parser.add_argument("--repeats", type=int, default=20, help="timed decode calls per point")
-    parser.add_argument("--prefill-repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"],
+                        help="timed decode calls per point")
+    parser.add_argument("--prefill-repeats", type=int, default=DEFAULTS["prefill_repeats"])
+    parser.add_argument("--tokens", default=None, metavar="T,T,...",
+                        help=f"token counts to time (default "
+                             f"{','.join(map(str, (*DECODE_TOKENS, PREFILL_TOKENS)))}; up to "
+                             f"{max(DECODE_TOKENS)} counts as decode, e.g. --tokens 1,2,8 for "
+                             f"decode only)")
     parser.add_argument("--formats", nargs="+", choices=sorted(FORMATS), help="default: all")
+    parser.add_argument("--quick", action="store_true",
+                        help="a preset that finishes in under a minute on 2 CPU cores "
+                             "(mxfp4, 8 experts, 3 repeats, T = 1 and 8)")
     parser.add_argument("--json", help="write the figures as JSON")
     parser.add_argument("--markdown", help="write the table as Markdown")
-    parser.add_argument("--plot", help="write a PNG of latency against T with the roofline")
+    parser.add_argument("--plot", help="write a PNG of latency against T with the roofline "
+                                       "(needs the plot extra: pip install 'dsv4shard[plot]')")
     parser.add_argument("--memory-only", action="store_true",
                         help="only the bytes held: unfused, fused, leaky fusion, install peak")
 
 
+def parse_tokens(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"--tokens {text!r}: expected comma-separated whole numbers") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--tokens {text!r}: every token count must be at least 1")
+    return counts
+
+
+def validate(args) -> str | None:
+    """The first problem with the arguments, in one line, or None."""
+    import importlib.util
+    import os
+
+    if args.quick:  # the preset fills what the command line left at its default
+        for key, value in QUICK.items():
+            if getattr(args, key) == DEFAULTS[key]:
+                setattr(args, key, value)
+    if args.experts is not None and args.experts < 1:
+        return f"--experts {args.experts}: at least 1 expert"
+    if args.repeats < 1 or args.prefill_repeats < 1:
+        return "--repeats and --prefill-repeats must be at least 1"
+    if args.tokens is not None:
+        try:
+            args.tokens = parse_tokens(args.tokens)
+        except ValueError as error:
+            return str(error)
+    for option in ("json", "markdown", "plot"):
+        path = getattr(args, option)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return f"--{option} {path}: its folder does not exist"
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return "--plot needs matplotlib: pip install 'dsv4shard[plot]'"
+    return None
+
+
 def main(args) -> int:
+    import sys
+
+    problem = validate(args)
+    if problem:
+        print(f"dsv4shard bench: {problem}", file=sys.stderr)
+        return 2
+
+    def progress(line):
+        print(line, file=sys.stderr, flush=True)
+
     if args.memory_only:
         experts = args.experts or (256 if backend.name() != "cpu" else 32)
         print(f"Device: {device_name()}, E={experts}")
@@ -316,7 +386,7 @@ def main(args) -> int:
                                        for n in args.formats or FORMATS])))
         return 0
     print(run(args.experts, args.repeats, args.prefill_repeats, args.formats, args.json,
-              args.markdown, args.plot))
+              args.markdown, args.plot, args.tokens, progress))
     return 0
 
 

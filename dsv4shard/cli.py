@@ -7,6 +7,7 @@ float64 NumPy reference.
   dsv4shard check --variant FILE|MOD   a port's deepseek_v4.py (or a module)
   dsv4shard mutants                    the kill matrix of known-bad code
   dsv4shard bench                      fused against unfused experts
+  dsv4shard doctor                     MLX's kernels here against mx.cpu
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def check_variants(specs, only=None, examples=None) -> list:
     reports = []
     for spec in specs:
         start = time.perf_counter()
+        print(f"checking {spec} in a process of its own ...", file=sys.stderr, flush=True)
         report = check_isolated(spec, only, examples or VARIANT_EXAMPLES)
         print()
         print(variant_markdown(report), flush=True)
@@ -90,8 +92,27 @@ def check(args) -> int:
     if args.examples < 1:
         print("dsv4shard check: --examples must be at least 1", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     own = []
-    if not args.variant:
+    if args.fuse_impl or args.shard_impl:
+        from dsv4shard.third_party import impl_verdicts
+
+        try:
+            own = impl_verdicts(args.fuse_impl, args.shard_impl, args.examples)
+        except ValueError as error:
+            print(f"dsv4shard check: {error}", file=sys.stderr)
+            return 2
+        print("### your implementations: properties against the unfused block and the "
+              "reference\n")
+        print(markdown(own), flush=True)
+        declined = sorted({d for v in own for d in v.declined})
+        if declined:
+            print("\ndeclined (NotImplementedError): " + "; ".join(declined))
+        if not args.variant:
+            print("\n" + summary_line(own, [], time.perf_counter() - started, "your"),
+                  flush=True)
+            return 1 if any(v.fatal for v in own) else 0
+    elif not args.variant:
         own = own_verdicts(args.examples)
         print("### the project's own implementations: properties against the reference\n")
         print(markdown(own), flush=True)
@@ -103,23 +124,70 @@ def check(args) -> int:
             result["own"] = [v.to_dict() for v in own]
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
+    print("\n" + summary_line(own, reports, time.perf_counter() - started), flush=True)
     failed = any(v.fatal for v in own) or any(not r.ok for r in reports)
     return 1 if failed else 0
+
+
+def summary_line(own, reports, seconds: float, whose: str = "the project's") -> str:
+    """One line: what was checked, the verdicts by word, the time."""
+    from collections import Counter
+
+    from dsv4shard.engine import outcome as o
+
+    verdicts = list(own) + [v for r in reports for v in r.verdicts]
+    counts = Counter(v.status for v in verdicts)
+    words = ", ".join(f"{counts[s]} {s}" for s in o.STATUSES if counts[s])
+    parts = []
+    if own:
+        parts.append(f"{len(own)} properties of {whose} implementations")
+    if reports:
+        conform = sum(r.ok for r in reports)
+        parts.append(f"{len(reports)} variant{'s' * (len(reports) != 1)} ({conform} conform, "
+                     f"{len(reports) - conform} do not)")
+    return f"summary: checked {' and '.join(parts)}; {words or 'no verdicts'}; {seconds:.1f} s"
 
 
 def mutants(args) -> int:
     """Every catalogued mutant against every property of its kind, as a
     Markdown kill matrix with a summary; exit status 1 when a mutant survives
     all of them (those whose property the backend cannot run are skipped)."""
+    import os
+
     from dsv4shard.testing import matrix
 
+    if args.examples < 1:
+        print("dsv4shard mutants: --examples must be at least 1", file=sys.stderr)
+        return 2
+    if args.jobs < 0:
+        print("dsv4shard mutants: --jobs must be 0 (one per core) or more", file=sys.stderr)
+        return 2
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        print(f"dsv4shard mutants: --json {args.json}: its folder does not exist",
+              file=sys.stderr)
+        return 2
     return matrix.main(args)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    def of(name):
+        try:
+            return dist_version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"dsv4shard {of('dsv4shard')} (mlx {of('mlx')}, mlx-lm {of('mlx-lm')})"
 
 
 def main(argv=None) -> int:
     from dsv4shard.testing.catch import CI_EXAMPLES
 
-    parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="check implementations against the reference")
     p.add_argument("--examples", type=int, default=50,
@@ -133,6 +201,12 @@ def main(argv=None) -> int:
                         "from mlx_lm.models")
     p.add_argument("--only", action="append", metavar="CHECK",
                    help="run only this variant check (repeatable)")
+    p.add_argument("--fuse-impl", metavar="MODULE:FUNCTION",
+                   help="run the fused gate+up properties against this installer "
+                        "(function(switch_glu) -> module or None)")
+    p.add_argument("--shard-impl", metavar="MODULE:FUNCTION",
+                   help="run the sharding properties against this sharder "
+                        "(function(moe_block, group) -> block)")
     p.set_defaults(func=check)
     p = sub.add_parser("mutants", help="the kill matrix: every known-bad implementation "
                                        "against every property of its kind")
@@ -150,6 +224,12 @@ def main(argv=None) -> int:
 
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
+    p = sub.add_parser("doctor", help="map this backend's MLX operations against mx.cpu and the "
+                                      "NumPy reference: which ones are wrong here")
+    from dsv4shard import doctor
+
+    doctor.add_arguments(p)
+    p.set_defaults(func=doctor.main)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -231,12 +231,32 @@ def install_fused(switch_glu) -> FusedSwitchGLU:
     return fused
 
 
+class ContractError(TypeError):
+    """An implementation under test returned what its contract rules out."""
+
+
+INSTALLER_CONTRACT = ("an installer is called as installer(switch_glu) and returns the module to "
+                      "use in place of the SwitchGLU (an nn.Module called as module(x, indices)),"
+                      " or None when it changed switch_glu in place")
+
+
 def apply_installer(installer, switch_glu):
     """The module to use after ``installer(switch_glu)``, by the installer
     contract: it returns the replacement, or None when it changed
-    ``switch_glu`` in place (as exo's ``_install_fused_switch_glu`` does)."""
+    ``switch_glu`` in place (as exo's ``_install_fused_switch_glu`` does).
+    Raises :class:`ContractError` for anything else it returns."""
     result = installer(switch_glu)
-    return switch_glu if result is None else result
+    if result is None:
+        return switch_glu
+    if not isinstance(result, nn.Module) or not callable(result):
+        raise ContractError(f"the installer returned {type(result).__qualname__} "
+                            f"{_short(result)}; the contract: {INSTALLER_CONTRACT}")
+    return result
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def fuse_block(block, installer=install_fused):

@@ -281,6 +281,7 @@ def dequantize(
     global_scale=None,
     dtype: str = "float32",
     scales_dtype: str | None = None,
+    fma: bool = False,
 ) -> np.ndarray:
     """Exactly what ``mx.dequantize(weight, scales, biases, fmt.group_size,
     fmt.bits, fmt.mode, global_scale=..., dtype=dtype)`` returns (MLX 0.32.4),
@@ -291,23 +292,61 @@ def dequantize(
     in ``scales_dtype`` (default ``dtype``, as MLX's output then defaults to
     the scales' dtype); for the float formats, uint8 codes and no biases.
     ``global_scale`` (nvfp4 only): a scalar, or one per leading index.
+
+    ``fma``: affine's ``scale * q + bias`` as a fused multiply-add, the way
+    a backend that contracts multiply and add computes it (MLX's CUDA
+    build); the default is MLX's CPU arithmetic, a multiply and an add each
+    rounded.  The float formats have no add; ``fma`` changes nothing there.
     """
     if fmt.mode == "affine":
-        return dequantize_affine(weight, scales, biases, fmt, dtype, scales_dtype or dtype)
+        return dequantize_affine(weight, scales, biases, fmt, dtype, scales_dtype or dtype, fma)
     if global_scale is not None and fmt.mode != "nvfp4":
         raise ValueError(f"only nvfp4 takes a global scale, not {fmt.mode}")
     return dequantize_float(weight, scales, fmt, global_scale, dtype)
 
 
-def dequantize_affine(weight, scales, biases, fmt, dtype, scales_dtype) -> np.ndarray:
-    """``scale * q + bias`` per group.  MLX multiplies, then adds, as two ops
-    in the scales' dtype (each rounded to it, no fused multiply-add), and
-    only then casts to ``dtype``."""
+def dequantize_affine(weight, scales, biases, fmt, dtype, scales_dtype,
+                      fma: bool = False) -> np.ndarray:
+    """``scale * q + bias`` per group.  MLX's CPU multiplies, then adds, as
+    two ops in the scales' dtype (each rounded to it, no fused multiply-add),
+    and only then casts to ``dtype``.  With ``fma``: ``scale * q + bias``
+    exact, rounded once to float32, then to the scales' dtype (one rounding
+    for float32 scales), then cast to ``dtype``."""
     codes = grouped(unpack(weight, fmt.bits).astype(np.float32), fmt.group_size)
     scale = round_to(scales, scales_dtype)[..., None]
     bias = round_to(biases, scales_dtype)[..., None]
-    values = add_in(multiply_in(codes, scale, scales_dtype), bias, scales_dtype)
+    if fma:
+        values = round_to(fused_multiply_add(codes, scale, bias), scales_dtype)
+    else:
+        values = add_in(multiply_in(codes, scale, scales_dtype), bias, scales_dtype)
     return round_to(ungrouped(values), dtype).astype(np.float64)
+
+
+def fused_multiply_add(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a * b + c`` rounded once to float32 (to nearest, ties to even), for
+    float32 operands whose product ``a * b`` fits a float64 exactly (a code
+    of at most 8 bits times a float32 scale does).
+
+    The float64 sum ``hi`` may itself be rounded; the exact sum is ``hi +
+    lo`` (Knuth's two-sum).  Rounding ``hi`` to float32 is then right,
+    except when ``hi`` lies exactly half-way between two float32 values and
+    ``lo`` is not 0: the exact sum is then off the tie, on ``lo``'s side.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = np.asarray(a, np.float64) * np.asarray(b, np.float64)
+        addend = np.broadcast_to(np.asarray(c, np.float64), product.shape)
+        hi = product + addend
+        virtual = hi - product
+        lo = (product - (hi - virtual)) + (addend - virtual)
+        nearest = hi.astype(np.float32)
+        # The float32 neighbour of ``nearest`` on hi's side, and the tie between them.
+        other = np.nextafter(nearest, np.where(hi > nearest, np.float32(np.inf),
+                                               np.float32(-np.inf)))
+        tie = (nearest.astype(np.float64) + other.astype(np.float64)) / 2
+    on_tie = (hi == tie) & (hi != nearest) & (lo != 0) & np.isfinite(nearest) \
+        & np.isfinite(other)
+    side = np.where(lo > 0, np.maximum(nearest, other), np.minimum(nearest, other))
+    return np.where(on_tie, side, nearest)
 
 
 def dequantize_float(weight, scales, fmt, global_scale, dtype) -> np.ndarray:

@@ -1,24 +1,84 @@
-"""What the running backend cannot compute, shown rather than assumed.
+"""What the running backend cannot compute, or computes wrong, shown rather
+than assumed.
 
-Each case ``dsv4shard.backend.unsupported`` names is run here as a strict
-xfail: the day MLX fixes it, the test reports XPASS as a failure and the
-exclusion is dropped.
+Every record of ``dsv4shard.backend.DEFECTS`` is probed here as a strict
+xfail: its probe cases (``dsv4shard.attribution.OpCase``) must depart (raise,
+or answer wrong against mx.cpu / the NumPy reference).  The day MLX fixes
+one, its test reports XPASS as a failure and the record goes.  Records of
+MLX's CPU kernels are probed on every build (``mx.cpu`` is in each); those
+of a GPU build on that GPU only, each probe in a child process with a
+timeout (a hang counts as the defect showing).  ``dsv4shard doctor`` says
+which records to add.
 """
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 
-from dsv4shard import backend
+from dsv4shard import attribution, backend, doctor
 from dsv4shard.testing import strategies as s
 from dsv4shard.testing.properties import unfused
 from reference.quantization import QuantFormat
+
+PROBE_TIMEOUT = 60.0
+
+
+def departing(row: backend.Defect) -> list[str]:
+    """The probe cases of ``row`` that show it."""
+    cases = [attribution.OpCase(**fields) for fields in row.probe]
+    if row.backend == "cpu":
+        return [f"{c.label} ({c.shapes()})" for c in cases
+                if attribution.run_case(c).cpu_departs]
+    results = doctor.run_batch(cases, PROBE_TIMEOUT, row.backend)
+    return [f"{r.case.label} ({r.case.shapes()}): {r.status} {r.detail}" for r in results
+            if r.status != doctor.OK and r.backend == row.backend]
+
+
+@pytest.mark.parametrize("row", [
+    pytest.param(d, id=d.key, marks=pytest.mark.xfail(strict=True, reason=d.because("float16")))
+    for d in backend.DEFECTS])
+def test_defect_still_shows(row):
+    if row.backend != "cpu" and backend.name() != row.backend:
+        pytest.skip(f"a defect of MLX's {row.backend} build")
+    shown = departing(row)
+    assert not shown, f"{row.key}: {row.because('float16')}; its probes depart: {shown}"
+
+
+def test_every_record_is_complete_and_explains_its_own_probes():
+    keys = [d.key for d in backend.DEFECTS]
+    assert len(set(keys)) == len(keys)
+    for d in backend.DEFECTS:
+        assert d.backend in ("cpu", "cuda") and d.ops and d.reason and d.probe, d.key
+        for fields in d.probe:
+            case = attribution.OpCase(**fields)
+            assert case.op in d.ops, (d.key, case)
+            assert backend.known(case, d.backend) is d, (d.key, case)
+
+
+@pytest.mark.skipif(backend.name() != "cpu", reason="the CPU build's exclusions")
+def test_exclusions_come_from_the_table():
+    assert backend.unsupported(None, "float16") == \
+        "MLX's CPU gather_mm runs only in float32, not float16"
+    assert backend.unsupported(None, "float32") is None
+    assert backend.unsupported(MXFP8, "float16") == backend.by_key("cpu-mxfp8-float16-inf").reason
+    assert backend.unsupported(s.NVFP4_GLOBAL_SCALE, "bfloat16") == \
+        backend.by_key("cpu-gather-qmm-global-scale").reason
+    assert backend.unsupported(MXFP4, "float16") is None  # guarded, not left out
+    assert backend.float16_code_overflow(MXFP4, "float16") == \
+        backend.by_key("cpu-float16-code-overflow").reason
+    assert backend.float16_code_overflow(MXFP4, "bfloat16") is None
+
+
+# The same CPU defects, shown through the properties they would break (a
+# failure is all a strict xfail needs: no shrinking).
+
+SHOW = dict(max_examples=50, phases=[Phase.explicit, Phase.generate])
 
 MXFP8 = QuantFormat("mxfp8", 32, 8)
 
 
 @pytest.mark.skipif(backend.name() != "cpu", reason="a defect of MLX's CPU build")
-@pytest.mark.xfail(strict=True, reason=str(backend.unsupported(MXFP8, "float16")))
-@settings(max_examples=50)
+@pytest.mark.xfail(strict=True, reason=backend.by_key("cpu-mxfp8-float16-inf").reason)
+@settings(**SHOW)
 @given(case=s.moe_cases(formats=[MXFP8]).map(
     lambda c: c.__class__(**{**c.__dict__, "dtype": "float16", "activation_scale": 30.0})))
 def test_cpu_mxfp8_float16_overflows(case):
@@ -29,8 +89,8 @@ MXFP4 = QuantFormat("mxfp4", 32, 4)
 
 
 @pytest.mark.skipif(backend.name() != "cpu", reason="a defect of MLX's CPU build")
-@pytest.mark.xfail(strict=True, reason=str(backend.float16_code_overflow(MXFP4, "float16")))
-@settings(max_examples=50)
+@pytest.mark.xfail(strict=True, reason=backend.by_key("cpu-float16-code-overflow").reason)
+@settings(**SHOW)
 @given(case=s.moe_cases(formats=[MXFP4]).map(lambda c: c.__class__(**{
     **c.__dict__, "dtype": "float16", "activation_scale": 30.0,
     "config": c.config.__class__(**{**c.config.__dict__, "swiglu_limit": 0.0})})))
@@ -42,8 +102,9 @@ AFFINE_G128 = QuantFormat("affine", 128, 4)
 
 
 @pytest.mark.skipif(backend.name() != "cuda", reason="a defect of MLX's CUDA build")
-@pytest.mark.xfail(reason=str(backend.unsupported(AFFINE_G128, "float32")))
+@pytest.mark.xfail(reason=backend.by_key("cuda-affine-group-128").reason)
 @settings(max_examples=10)
 @given(case=s.moe_cases(formats=[AFFINE_G128]))
 def test_cuda_affine_group_128(case):
+    """Through the block (not strict: the op-level probe above is)."""
     unfused.moe_matches_reference(case)

@@ -49,6 +49,12 @@ BUG_CLASSES = {
     "sharding: global scale sliced by expert": ["shard_global_scale_by_expert",
                                                 "shard_global_scale_by_expert_structure"],
     "sharding: rank-dependent routing": ["shard_rank_dependent_routing"],
+    "sharding: uneven split, down one group off": ["shard_uneven_down_one_group_off"],
+    "sharding: unsharded copy kept": ["shard_keeps_unsharded_copy"],
+    "activation: clip skipped only in bfloat16": ["bf16_skips_clip"],
+    "router: routed sum without the route weights in bfloat16": ["bf16_unweighted_routed_sum"],
+    "activation: clip after silu, under TF32": ["clip_after_silu_tf32"],
+    "activation: two-sided gate clip, under TF32": ["two_sided_gate_clip_tf32"],
     "quantization: group boundary off by one": ["group_off_by_one"],
     "quantization: scales and biases swapped": ["scales_biases_swapped"],
 }

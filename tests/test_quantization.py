@@ -104,7 +104,8 @@ def test_e4m3_codec_matches_mlx():
     probes = probes.astype(np.float32)
     got = q.float_to_e4m3(probes)
     want = np.array(mx.to_fp8(mx.array(probes)))
-    assert np.array_equal(got, want), probes[got != want]
+    same = props.same_e4m3_codes(got, want)  # any NaN code is a NaN (CUDA flips its sign)
+    assert same.all(), probes[~same]
 
 
 def test_e2m1_ties_go_to_the_smaller_magnitude():

@@ -58,3 +58,60 @@ def test_bad_hostfiles_are_refused_by_name(tmp_path, content, problem):
 def test_one_rank_is_refused():
     with pytest.raises(hf.HostfileError, match="at least 2 ranks"):
         hf.local(1)
+
+
+def test_the_pools_leave_the_temp_folder_as_they_found_it(tmp_path):
+    """Hostfiles and stderr files of the ranks are removed at close, also
+    when a rank died: a whole session's pools run with TMPDIR pointing at an
+    empty folder, which must be empty again afterwards."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from dsv4shard.ranks import hostfile as hf, shared\n"
+        "from dsv4shard.ranks.pool import RankPool, RankFailure\n"
+        "with RankPool(hf.local(2)) as pool:\n"
+        "    pool.run({'task': 'ping'})\n"
+        "pool = RankPool(hf.local(2), timeout=8).start()\n"
+        "try:\n"
+        "    pool.run({'task': 'die', 'rank': 1, 'how': 'exit'})\n"
+        "except RankFailure:\n"
+        "    pass\n"
+        "shared.pool(2).run({'task': 'ping'})\n"  # closed at exit
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120,
+                   capture_output=True)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_preflight_refuses_a_host_that_runs_other_versions(tmp_path):
+    """Rank 1's host reports another mlx-lm (a distribution of that version
+    first on its path): the pool refuses at start, naming the host."""
+    import os
+
+    shim = tmp_path / "shim"
+    info = shim / "mlx_lm-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx-lm\nVersion: 0.0.1\n")
+    path = os.pathsep.join([str(shim), os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps({"backend": "ring", "hosts": [
+        {"ssh": "localhost", "ips": ["127.0.0.1"]},
+        {"ssh": "localhost", "ips": ["127.0.0.1"], "env": {"PYTHONPATH": path}}]}))
+    pool = RankPool(hf.load(str(hosts)))
+    with pytest.raises(RankFailure) as failure:
+        pool.start()
+    message = str(failure.value)
+    assert message.startswith("preflight: host localhost (rank 1) differs: mlx_lm 0.0.1 there")
+    assert "\n" not in message
+    assert all(p.poll() is not None for p in pool.procs)
+
+
+def test_preflight_compares_the_variant_file_too():
+    from dsv4shard.ranks.preflight import versions
+
+    with RankPool(hf.local(2)) as pool:
+        pool.preflight(files=[__file__])  # the same file on every rank: passes
+    assert len(versions([__file__])["files"][__file__]) == 16

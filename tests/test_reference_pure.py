@@ -739,3 +739,49 @@ def test_quantize_works_in_float32():
         a, b = q.quantize(w, fmt), q.quantize(w.astype(np.float32), fmt)
         for x, y in zip(a, b):
             assert (x is None and y is None) or (np.array_equal(x, y) and x.dtype == y.dtype)
+
+
+def test_fused_multiply_add_rounds_the_exact_value_once():
+    """Against exact rational arithmetic: a*b + c rounded once to float32
+    (ties to even), on random operands and on constructed ties, where a
+    float64 sum followed by a float32 cast rounds twice."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, 400).astype(np.float32)  # codes of at most 8 bits
+    b = (rng.normal(size=400) * 2.0 ** rng.integers(-20, 5, 400)).astype(np.float32)
+    c = (rng.normal(size=400) * 2.0 ** rng.integers(-20, 5, 400)).astype(np.float32)
+    # Ties: c puts a*b + c exactly half-way between two float32 values, plus
+    # a tiny remainder the float64 sum loses.
+    b[:4] = np.float32(1.0)
+    a[:4] = np.float32(1.0)
+    c[:4] = np.array([2.0**-24, -(2.0**-24), 3 * 2.0**-24, 2.0**-24 + 2.0**-60], np.float64
+                     ).astype(np.float32)
+    got = q.fused_multiply_add(a, b, c)
+
+    def exact(x, y, z):
+        value = Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z))
+        nearest = np.float32(float(value))  # a first guess, then the exact neighbours
+        candidates = {nearest, np.nextafter(nearest, np.float32(np.inf)),
+                      np.nextafter(nearest, np.float32(-np.inf))}
+        best = min(candidates, key=lambda f: (abs(Fraction(float(f)) - value),
+                                              int(np.float32(f).view(np.uint32)) & 1))
+        return best
+
+    want = np.array([exact(x, y, z) for x, y, z in zip(a, b, c)], np.float32)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_fma_dequantize_differs_from_two_roundings_only_by_rounding():
+    fmt = q.QuantFormat("affine", 32, 8)
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 64)).astype(np.float32)
+    packed, scales, biases, _ = q.quantize(w, fmt)
+    plain = q.dequantize(packed, scales, biases, fmt)
+    fused = q.dequantize(packed, scales, biases, fmt, fma=True)
+    # The product scale * q is as large as the group's largest |value| even
+    # where the bias cancels it: one rounding of it, at that magnitude, is
+    # what the two-rounding path adds.
+    spacing = float(np.spacing(np.float32(np.abs(w).max() * 2)))
+    assert np.all(np.abs(plain - fused) <= spacing)
+    assert np.any(plain != fused)  # the modes do differ: the test can tell them apart

@@ -216,6 +216,9 @@ def test_the_projects_own_block_sharding_and_fusion_conform():
     ("float32_output", "returned mlx.core.float32 for bfloat16"),
     ("argpartition_kth_k", "raised ValueError"),
     ("hash_ignores_table", "its table row is"),
+    ("bf16_skips_routed_clip", "routed experts' clip removed"),
+    ("bf16_skips_shared_clip", "shared expert's clip removed"),
+    ("bf16_output_scaled", "0.8 x the expected one"),
 ])
 def test_diagnoses_name_the_departure(departure, diagnosis):
     result = run_check(knobbed(departure), KNOWN[departure])
@@ -359,3 +362,16 @@ def test_readme_check_table_is_the_property_table():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert check_table() in readme, "README's check table is stale: run python -m dsv4shard.docs"
+
+
+def test_a_hung_property_is_reported_and_the_rest_still_run():
+    lines = []
+    report = check_isolated(str(HERE / "hangs.py"),
+                            ["structure", "moe_matches_reference", "output_dtype"],
+                            property_timeout=8, progress=lines.append)
+    r = report.by_check()
+    assert r["structure"].status == o.PASS and r["output_dtype"].status == o.PASS, markdown(report)
+    hung = r["moe_matches_reference"]
+    assert hung.status == o.ERROR and "hung: no verdict within 8 s" in hung.detail, hung
+    assert not report.ok and "moe_matches_reference" in markdown(report)
+    assert any("[2/3] moe_matches_reference ..." in line for line in lines), lines

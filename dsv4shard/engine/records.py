@@ -97,34 +97,64 @@ def _project() -> list[Property]:
         P("moe_matches_reference_at_extremes", u.moe_matches_reference_at_extremes, s.moe_cases,
           "build", "MoECase", "the block equals the reference at logits of +200 and in "
           "[-28, -18]", "unfused"),
-        # --- fused gate+up ---
-        P("fused_matches_unfused", f.fused_matches_unfused, s.fusion_cases, "fuse_impl",
-          "FusionCase", "the fused experts are bit-identical with the unfused ones", "fused"),
-        P("fused_concat_order_structural", f.fused_concat_order_structural, s.fusion_cases,
+        # --- fused gate+up: DeepSeek-V4's configurations, then the extended ones ---
+        P("fused_matches_unfused", f.fused_matches_unfused, s.v4_fusion_cases, "fuse_impl",
+          "FusionCase", "the fused experts are bit-identical with the unfused ones "
+          "(DeepSeek-V4's checkpoint formats)", "fused"),
+        P("fused_matches_unfused_dense", f.fused_matches_unfused_dense,
+          lambda: s.v4_fusion_cases(dense=True), "fuse_impl", "FusionCase",
+          "the fused experts are bit-identical with the unfused ones (dense experts)",
+          "fused"),
+        P("fused_concat_order_structural", f.fused_concat_order_structural, s.v4_fusion_cases,
           "fuse_impl", "FusionCase", "the fused arrays are [up, gate] on the output axis",
           "fused"),
-        P("fused_concat_order_behaviour", f.fused_concat_order_behaviour, s.fusion_cases,
+        P("fused_concat_order_behaviour", f.fused_concat_order_behaviour, s.v4_fusion_cases,
           "fuse_impl", "FusionCase", "the fused experts equal the reference with up and gate in "
           "their places", "fused"),
-        P("sharded_fusion_matches", f.sharded_fusion_matches, s.sharded_fusion_cases,
+        P("sharded_fusion_matches", f.sharded_fusion_matches, s.v4_sharded_fusion_cases,
           "fuse_impl", "FusionCase", "shard then fuse equals the sharded unfused block",
           "fused"),
-        P("fusion_frees_unfused", f.fusion_frees_unfused, s.fusion_cases, "fuse_impl",
+        P("fusion_frees_unfused", f.fusion_frees_unfused, s.v4_fusion_cases, "fuse_impl",
           "FusionCase", "after fusing, the old gate/up arrays are gone", "fused"),
         P("fusion_keeps_bytes_and_round_trips", f.fusion_keeps_bytes_and_round_trips,
-          s.fusion_cases, "fuse_impl", "FusionCase", "the fused arrays stay in parameters(), "
-          "nbytes, save_weights and load_weights", "fused"),
-        # --- sharding ---
-        P("sharded_matches_unsharded", sh.sharded_matches_unsharded, s.shard_cases, "shard",
-          "ShardCase", "the ranks' partial outputs sum to the unsharded block's", "sharded"),
-        P("shard_holds_its_slice", sh.shard_holds_its_slice, s.shard_cases, "shard",
-          "ShardCase", "each rank holds its slice of every expert and nothing more", "sharded"),
+          s.v4_fusion_cases, "fuse_impl", "FusionCase", "the fused arrays stay in "
+          "parameters(), nbytes, save_weights and load_weights", "fused"),
+        P("fused_matches_unfused_extended", f.fused_matches_unfused_extended,
+          s.extended_fusion_cases, "fuse_impl", "FusionCase", "extended (linear biases, other "
+          "formats, a global scale; may be declined): fused bit-identical with unfused",
+          "fused"),
+        P("fused_concat_order_structural_extended", f.fused_concat_order_structural_extended,
+          lambda: s.extended_fusion_cases(global_scale=True), "fuse_impl", "FusionCase",
+          "extended (may be declined): linear biases concatenated [up, gate], the global "
+          "scale kept", "fused"),
+        P("fusion_keeps_bytes_and_round_trips_extended",
+          f.fusion_keeps_bytes_and_round_trips_extended,
+          lambda: s.extended_fusion_cases(global_scale=True), "fuse_impl", "FusionCase",
+          "extended (may be declined): bytes kept, save_weights and load_weights round-trip",
+          "fused"),
+        # --- sharding: judged by behaviour and bytes; layout for our own sharder ---
+        P("sharded_matches_unsharded", sh.sharded_matches_unsharded, s.v4_shard_cases,
+          "shard", "ShardCase", "the ranks' outputs after one all_sum equal the unsharded "
+          "block's (even and uneven splits)", "sharded"),
+        P("shard_holds_its_share", sh.shard_holds_its_share, s.v4_shard_cases, "shard",
+          "ShardCase", "each rank holds its share of the expert bytes and nothing more",
+          "sharded"),
+        P("sharded_matches_unsharded_extended", sh.sharded_matches_unsharded_extended,
+          s.extended_shard_cases, "shard", "ShardCase", "extended (linear biases, other "
+          "formats; may be declined): the ranks' outputs sum to the unsharded one", "sharded"),
+        P("shard_holds_its_share_extended", sh.shard_holds_its_share_extended,
+          s.extended_shard_cases, "shard", "ShardCase", "extended (may be declined): each "
+          "rank holds its share of the expert bytes", "sharded"),
+        P("shard_holds_its_slice", sh.shard_holds_its_slice,
+          lambda: s.shard_cases(uneven=True), "shard", "ShardCase", "dsv4shard's own layout "
+          "(its sharder only): each rank holds exactly its slice of every expert",
+          "sharded"),
         P("real_ranks_match_unsharded", sh.real_ranks_match_unsharded,
-          lambda: s.shard_cases(ranks=2), "shard", "ShardCase", "real mx.distributed ranks "
+          lambda: s.v4_shard_cases(ranks=2), "shard", "ShardCase", "real mx.distributed ranks "
           "give the unsharded output on every rank", "sharded", ranks=2),
         P("real_shard_then_fuse_is_bit_exact", sh.real_shard_then_fuse_is_bit_exact,
-          lambda: s.shard_cases(ranks=2), "shard", "ShardCase", "on real ranks, shard then "
-          "fuse is bit-identical with shard alone", "sharded", ranks=2),
+          lambda: s.v4_shard_cases(ranks=2, uneven=False), "shard", "ShardCase", "on real "
+          "ranks, shard then fuse is bit-identical with shard alone", "sharded", ranks=2),
         P("sharded_model_matches_unsharded", e2e.sharded_model_matches_unsharded,
           s.model_cases, "shard", "ModelCase", "a tiny deepseek_v41 with its MoE sharded "
           "over real ranks gives the unsharded logits", "end_to_end", ranks=2),

@@ -19,6 +19,7 @@ from hypothesis.errors import HypothesisException, Unsatisfiable
 
 from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import Property
+from dsv4shard.testing import report
 
 
 @dataclass
@@ -63,7 +64,10 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
       it); DECLINED when every case was declined;
     - ``Minor`` departures are kept and reported as DEPARTS with their size
       when nothing worse happens;
-    - ``BackendDefect``: BACKEND (MLX's kernel, not the implementation).
+    - ``BackendDefect``: BACKEND (MLX's kernel, not the implementation);
+      every failure passes through the attribution hook
+      (``dsv4shard.testing.report.judged``), which makes it one where the
+      case passes on ``mx.cpu`` and an MLX operation departs on the device.
     """
     impl = impl or {}
     budget = min(examples, prop.examples) if prop.examples else examples
@@ -94,8 +98,13 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
         except BaseException as error:
             if o.is_skip(error):
                 raise _Stop(error) from None
-            seen["error"], seen["case"] = error, case
-            raise
+            # The attribution hook (a no-op on mx.cpu, and for failures that
+            # went through it already): a BackendDefect where MLX is at fault.
+            judged = report.judged(prop.fn, case, error, **impl)
+            seen["error"], seen["case"] = judged, case
+            if judged is error:
+                raise
+            raise judged from error
         if isinstance(detail, str) and detail:
             seen["detail"] = detail
 

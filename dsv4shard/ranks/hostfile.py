@@ -25,6 +25,7 @@ class Host:
     ssh: str
     ips: tuple[str, ...] = ()
     rdma: tuple = ()
+    env: tuple[tuple[str, str], ...] = ()  # this host's own variables ("env": {...})
 
     @property
     def is_local(self) -> bool:
@@ -74,7 +75,11 @@ def load(path: str, backend: str | None = None) -> Hostfile:
             h = {"ssh": h, "ips": [h]}
         if not isinstance(h, dict) or "ssh" not in h:
             raise HostfileError(f"hostfile {path}: host {i} has no 'ssh' name: {h!r}")
-        hosts.append(Host(h["ssh"], tuple(h.get("ips", [])), tuple(h.get("rdma", []))))
+        env = h.get("env", {})
+        if not isinstance(env, dict):
+            raise HostfileError(f"hostfile {path}: host {i}'s 'env' must map names to values")
+        hosts.append(Host(h["ssh"], tuple(h.get("ips", [])), tuple(h.get("rdma", [])),
+                          tuple((str(k), str(v)) for k, v in env.items())))
     backend = backend or ("jaccl" if any(h.rdma for h in hosts) else "ring")
     if backend not in BACKENDS:
         raise HostfileError(f"hostfile {path}: backend {backend!r} is not one of {BACKENDS}")
@@ -111,4 +116,4 @@ def rank_environments(hostfile: Hostfile) -> list[dict[str, str]]:
         for r in range(n):
             out.append({**common, "MLX_RANK": str(r), "MLX_JACCL_COORDINATOR": coordinator,
                         "@MLX_IBV_DEVICES": devices})
-    return out
+    return [{**env, **dict(host.env)} for env, host in zip(out, hostfile.hosts)]

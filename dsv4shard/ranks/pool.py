@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,17 +26,26 @@ class RankFailure(RuntimeError):
     """A rank died, hung, or raised; the message carries its stderr."""
 
 
-def launch_script(env: dict[str, str], python: str, cwd: str) -> str:
+def launch_script(env: dict[str, str], python: str, cwd: str, tmpdir: str | None = None) -> str:
     """The bash line that starts one rank: cd, export, write the files the
-    backend reads (``@NAME`` entries), exec the worker."""
+    backend reads (``@NAME`` entries) into ``tmpdir`` (the pool's own folder,
+    on this host) or the host's temp folder, exec the worker.  The worker
+    removes those files once it has joined the group (they are read at
+    ``init``), and the pool removes its folder when it closes, so that a rank
+    that dies before joining leaves nothing behind on this host either."""
     parts = [f"cd {shlex.quote(cwd)} 2>/dev/null || true"]
+    where = f" -p {shlex.quote(tmpdir)}" if tmpdir else ""
+    files = []
     for key, value in env.items():
         if key.startswith("@"):
             name = key[1:]
-            parts.append(f"f=$(mktemp) && printf %s {shlex.quote(value)} > $f && "
-                         f"export {name}=$f")
+            parts.append(f"{name}=$(mktemp{where} dsv4shard-rank.XXXXXX) && printf %s "
+                         f"{shlex.quote(value)} > ${name} && export {name}")
+            files.append(f"${name}")
         else:
             parts.append(f"export {key}={shlex.quote(value)}")
+    if files:
+        parts.append(f"export DSV4SHARD_TEMP_FILES=\"{':'.join(files)}\"")
     parts.append(f"exec {shlex.quote(python)} -u -m dsv4shard.ranks.worker")
     return "; ".join(parts)
 
@@ -53,15 +63,18 @@ class RankPool:
         self.procs: list[subprocess.Popen] = []
         self.stderr_files = []
         self.jobs = 0
+        self.tmpdir: str | None = None  # this host's files of the ranks, removed at close
 
     # --- life cycle -------------------------------------------------------
 
     def start(self) -> RankPool:
         envs = rank_environments(self.hostfile)
+        self.tmpdir = tempfile.mkdtemp(prefix="dsv4shard-ranks-")
         for host, env in zip(self.hostfile.hosts, envs):
             env = {**env, "DSV4SHARD_BACKEND": self.hostfile.backend, "PYTHONUNBUFFERED": "1",
                    **self.extra_env}
-            script = launch_script(env, self.python, os.getcwd())
+            script = launch_script(env, self.python, os.getcwd(),
+                                   self.tmpdir if host.is_local else None)
             cmd = (["bash", "-c", script] if host.is_local
                    else ["ssh", "-o", "BatchMode=yes", host.ssh, "bash -c " + shlex.quote(script)])
             err = tempfile.TemporaryFile(mode="w+")
@@ -78,7 +91,22 @@ class RankPool:
                     f"rank process {rank} joined a group of size {message.get('size')} as rank "
                     f"{message.get('rank')}, expected rank {rank} of {self.size} "
                     f"({self.hostfile.backend}); a size-1 group would pass vacuously")
+        self.preflight()
         return self
+
+    def preflight(self, files=()) -> None:
+        """Every rank reports its versions, commit, source digest and the
+        sha256 of ``files``; a rank that differs from this process stops
+        the pool with one line naming its host."""
+        from dsv4shard.ranks.preflight import PreflightError, compare, versions
+
+        here = versions(files)
+        answers = self.run({"task": "versions", "files": list(files)}, timeout=60)
+        try:
+            compare(here, answers, self.hostfile.hosts)
+        except PreflightError as error:
+            self.close()
+            raise RankFailure(f"preflight: {error}") from None
 
     def close(self) -> None:
         for proc in self.procs:
@@ -116,6 +144,9 @@ class RankPool:
                     pass
         for f in self.stderr_files:
             f.close()
+        if self.tmpdir:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
 
     def __enter__(self):
         return self.start()
@@ -133,7 +164,13 @@ class RankPool:
         """Send ``job`` to every rank; return the answers by rank.  Raises
         RankFailure (and tears the pool down) on death, hang or error."""
         if not self.alive:
-            raise RankFailure("the rank pool is not running (a failure already stopped it)")
+            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+            tails = self._stderr_tails() if self.stderr_files and not self.stderr_files[0].closed \
+                else ""
+            self._kill()
+            self._release()
+            raise RankFailure(f"the rank pool is not running: rank(s) {dead} exited between "
+                              f"jobs" + (f"\n{tails}" if tails else ""))
         line = wire.dumps(job)
         for rank, proc in enumerate(self.procs):
             try:

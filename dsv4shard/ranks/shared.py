@@ -17,6 +17,10 @@ def pool(size: int = 2, hostfile: str | None = None, backend: str = "ring") -> R
     existing = _POOLS.get(key)
     if existing is not None and existing.alive:
         return existing
+    if not hostfile:
+        from dsv4shard import rank_memory
+
+        rank_memory.check(size)  # refuse, naming the memory, before any rank starts
     spec = hf.load(hostfile) if hostfile else hf.local(size, backend)
     _POOLS[key] = RankPool(spec).start()
     return _POOLS[key]

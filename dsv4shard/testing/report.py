@@ -1,4 +1,13 @@
-"""Failure messages: what went wrong, the drawn case, and a one-line reproducer."""
+"""Failure messages: what went wrong, the drawn case, and a one-line reproducer.
+
+Every failure of a property is raised through :func:`judged`, the suite's
+one attribution hook (the engine's runner calls it too, for failures raised
+elsewhere): on a device other than ``mx.cpu`` it reruns the case on
+``mx.cpu`` and replays the MLX operations it recorded, and turns a failure
+that is MLX's into a :class:`~dsv4shard.engine.outcome.BackendDefect`
+(``dsv4shard.attribution``).  On ``mx.cpu`` it changes nothing and costs
+nothing.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +26,19 @@ def reproducer(prop, case, **impl) -> str:
     return shlex.join(parts)
 
 
+def judged(prop, case, error: BaseException, **impl) -> BaseException:
+    """The exception a failure of ``prop(case, **impl)`` raises: ``error``,
+    or the BackendDefect it is when MLX's kernel on this device, not the
+    implementation, is at fault."""
+    from dsv4shard.attribution import attribute
+
+    return attribute(prop, case, impl, error)
+
+
 def fail(prop, case, message: str, **impl):
-    """Raise an AssertionError naming the property, the problem, the case."""
-    raise AssertionError(
+    """Raise an AssertionError naming the property, the problem, the case
+    (or the BackendDefect it is, see :func:`judged`)."""
+    raise judged(prop, case, AssertionError(
         f"{prop.__name__}: {message}\n  case: {case!r}\n  reproduce: "
         f"{reproducer(prop, case, **impl)}"
-    )
+    ), **impl)

@@ -171,28 +171,81 @@ REDUCTIONS = ("float32", "activation")  # the dtype of the cross-rank sum
 
 @dataclass(frozen=True)
 class ShardCase:
-    """A MoE case split over ``ranks`` tensor-parallel ranks."""
+    """A MoE case split over ``ranks`` tensor-parallel ranks: evenly, or by
+    ``split`` (each rank's share of the intermediate dimension, in units of
+    quantization groups; the sharder is called with ``weights=split``)."""
 
     moe: MoECase
     ranks: int
     reduce: str  # one of REDUCTIONS
+    split: tuple[int, ...] | None = None  # None: an even split
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """Each rank's fraction of the intermediate dimension."""
+        if self.split is None:
+            return (1.0 / self.ranks,) * self.ranks
+        total = sum(self.split)
+        return tuple(w / total for w in self.split)
+
+
+def shard_unit(fmt: QuantFormat | None) -> int:
+    """The rows a split is counted in: a quantization group (8 rows when dense)."""
+    return fmt.group_size if fmt else 8
+
+
+@st.composite
+def splits(draw, ranks: int, max_units: int) -> tuple[tuple[int, ...] | None, int]:
+    """(split, units): an even split (None) or a partition of ``units``
+    groups over the ranks covering each once: a ratio such as 3:5, or one
+    rank holding a single group.  ``units`` is the intermediate size in
+    groups."""
+    kind = draw(st.sampled_from(["even", "ratio", "single"]), label="split_kind")
+    if kind == "ratio":
+        ratio = ((3, 5) if ranks == 2 else
+                 tuple(draw(st.lists(st.integers(1, 5), min_size=ranks, max_size=ranks),
+                            label="ratio")))
+        if len(set(ratio)) > 1 and sum(ratio) <= max_units:
+            m = draw(st.integers(1, max(1, max_units // sum(ratio))), label="ratio_units")
+            return tuple(m * w for w in ratio), m * sum(ratio)
+    if kind == "single" and ranks >= 2 and 1 + (ranks - 1) * 2 <= max_units:
+        alone = draw(st.integers(0, ranks - 1), label="single_rank")
+        each = draw(st.integers(2, max(2, (max_units - 1) // (ranks - 1))), label="others_units")
+        split = tuple(1 if r == alone else each for r in range(ranks))
+        return split, sum(split)
+    units = ranks * draw(st.integers(1, max(1, max_units // ranks)), label="intermediate_units")
+    return None, units
 
 
 @st.composite
 def shard_cases(draw, ranks: int | None = None, quantized: bool | None = None,
-                global_scale: bool = False, formats=None) -> ShardCase:
+                global_scale: bool = False, formats=None, linear_bias: bool = True,
+                uneven: bool = False) -> ShardCase:
     """A case whose intermediate size (and its quantization groups) divides
-    evenly over the drawn rank count (or the given one)."""
-    n = ranks or draw(st.sampled_from(RANK_COUNTS), label="ranks")
+    evenly over the drawn rank count (or the given one); with ``uneven``, a
+    split drawn by :func:`splits` (even, a ratio, one rank holding a single
+    group) instead.  ``linear_bias``: may draw linear biases."""
     if quantized is None:
         quantized = formats is not None or draw(st.booleans(), label="quantized")
     formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
     fmt = draw(formats_drawn, label="quant") if quantized else None
-    unit = (fmt.group_size if fmt else 8) * n
-    inter = unit * draw(st.integers(1, max(1, 256 // unit)), label="intermediate_units")
+    unit = shard_unit(fmt)
+    # Drawn rank counts keep the intermediate size within 256 (a given one
+    # may need more: N whole groups).
+    n = ranks or draw(st.sampled_from([r for r in RANK_COUNTS if r * unit <= 256]),
+                      label="ranks")
+    max_units = max(n, 256 // unit)
+    split = None
+    if uneven:
+        split, units = draw(splits(n, max_units), label="split")
+        inter = unit * units
+    else:
+        step = unit * n
+        inter = step * draw(st.integers(1, max(1, 256 // step)), label="intermediate_units")
     case = draw(moe_cases(quantized=quantized, formats=[fmt] if fmt else None,
-                          inter_sizes=(inter,), max_experts=32), label="moe")
-    return ShardCase(case, n, draw(st.sampled_from(REDUCTIONS), label="reduce"))
+                          inter_sizes=(inter,), max_experts=32, linear_bias=linear_bias),
+                label="moe")
+    return ShardCase(case, n, draw(st.sampled_from(REDUCTIONS), label="reduce"), split)
 
 
 @st.composite
@@ -232,19 +285,20 @@ NVFP4_GLOBAL_SCALE = QuantFormat("nvfp4", 16, 4, global_scale=True)
 
 @st.composite
 def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | None = False,
-                 linear_bias: bool = True, ranks=(1,)) -> FusionCase:
+                 linear_bias: bool = True, ranks=(1,), formats=None) -> FusionCase:
     """A block to fuse (small: hidden and intermediate 32..128, at most 16
     experts, fewer than 80 tokens, both sides of the sort threshold, [T, D]
     or [B, L, D]), in a format the backend runs, or (``global_scale``) nvfp4
     with a global scale, which tests that run its kernel skip where the
     backend has none.  ``global_scale``: False never draws it, True always,
-    None sometimes.  ``ranks``: rank counts to shard over before fusing."""
+    None sometimes.  ``ranks``: rank counts to shard over before fusing;
+    ``formats``: the quantization formats drawn (default: every one)."""
     n = draw(st.sampled_from(ranks), label="ranks")
     with_scale = (draw(st.booleans(), label="global_scale") if global_scale is None
                   else global_scale)
     if with_scale:
         quantized = True
-    formats = [NVFP4] if with_scale else None
+    formats = [NVFP4] if with_scale else (list(formats) if formats else None)
     if quantized is None:
         quantized = draw(st.booleans(), label="quantized")
     if quantized and formats is None:
@@ -276,6 +330,127 @@ def global_scale_shard_cases(ranks: int | None = None) -> st.SearchStrategy[Shar
     has none; structural ones run everywhere."""
     return shard_cases(ranks=ranks, quantized=True, formats=[NVFP4]).map(
         lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE)))
+
+
+# --- DeepSeek-V4 scope ---
+#
+# A third-party installer or sharder is judged first on what DeepSeek-V4's
+# checkpoints hold (SPEC section 7): routed experts in mxfp4 (group 32),
+# affine 4, 6 or 8 bits (group 32 or 64), or dense; no linear biases; no
+# nvfp4 global scale; float32, float16 or bfloat16 activations.  Everything
+# else (linear biases, other formats and groups, a global scale, uneven
+# splits) is drawn by properties of their own, named ``*_extended``, and an
+# implementation may decline it by raising NotImplementedError.
+
+V4_FORMATS = (QuantFormat("mxfp4", 32, 4),) + tuple(
+    QuantFormat("affine", group, bits) for group in (32, 64) for bits in (4, 6, 8))
+EXTENDED_FORMATS = tuple(f for f in QUANT_FORMATS if f not in V4_FORMATS)
+
+
+def describe_format(fmt: QuantFormat | None) -> str:
+    if fmt is None:
+        return "dense"
+    bits = f" {fmt.bits}-bit" if fmt.mode == "affine" else ""
+    text = f"{fmt.mode}{bits} group {fmt.group_size}"
+    return text + (" with a global scale" if fmt.global_scale else "")
+
+
+def extended_features(case) -> list[str]:
+    """What puts ``case`` (a MoE, fusion or shard case) beyond DeepSeek-V4's
+    own configurations; empty when it is one of them (declining it fails)."""
+    moe = getattr(case, "moe", case)
+    found = []
+    if moe.quant is not None and moe.quant.global_scale:
+        found.append("an nvfp4 global scale")
+    elif moe.quant is not None and moe.quant not in V4_FORMATS:
+        found.append(f"routed experts in {describe_format(moe.quant)}")
+    if moe.linear_bias:
+        found.append("linear biases on the routed experts")
+    split = getattr(case, "split", None)
+    if split is not None and len(set(split)) > 1:
+        found.append(f"an uneven split {':'.join(map(str, split))}")
+    return found
+
+
+def describe_case(case) -> str:
+    """The configuration an implementation sees: format, dtype, biases, split."""
+    moe = getattr(case, "moe", case)
+    parts = [f"routed experts {describe_format(moe.quant)}", moe.dtype]
+    if moe.linear_bias:
+        parts.append("linear biases")
+    ranks = getattr(case, "ranks", 1)
+    if ranks > 1:
+        split = getattr(case, "split", None)
+        parts.append(f"{ranks} ranks" + (f" split {':'.join(map(str, split))}" if split else ""))
+    return ", ".join(parts)
+
+
+def runs_global_scale() -> bool:
+    """Whether this backend's gather_qmm takes an nvfp4 global scale."""
+    return unsupported(NVFP4_GLOBAL_SCALE, "float32") is None
+
+
+def v4_fusion_cases(*, dense: bool = False, ranks=(1,)) -> st.SearchStrategy[FusionCase]:
+    """Fusion cases of DeepSeek-V4's own configurations: quantized in a
+    checkpoint format (or, with ``dense``, dense float32 experts), no linear
+    biases, no global scale."""
+    if dense:
+        return fusion_cases(quantized=False, global_scale=False, linear_bias=False, ranks=ranks)
+    return fusion_cases(quantized=True, global_scale=False, linear_bias=False, ranks=ranks,
+                        formats=V4_FORMATS)
+
+
+def v4_sharded_fusion_cases() -> st.SearchStrategy[FusionCase]:
+    return v4_fusion_cases(ranks=(2, 4))
+
+
+@st.composite
+def extended_fusion_cases(draw, global_scale: bool | None = None) -> FusionCase:
+    """Fusion cases beyond DeepSeek-V4's configurations, each with at least
+    one of: linear biases, a format of no V4 checkpoint (other bits, group
+    128, mxfp8, nvfp4), an nvfp4 global scale.  ``global_scale``: True
+    draws it on every backend (for properties that run no kernel), None only
+    where this backend's kernels take it, False never."""
+    features = ["linear bias", "format"]
+    if global_scale or (global_scale is None and runs_global_scale()):
+        features.append("global scale")
+    feature = draw(st.sampled_from(features), label="extended")
+    if feature == "global scale":
+        case = draw(fusion_cases(global_scale=True), label="case")
+        if global_scale is None:  # its kernels run: a dtype they run in
+            case = _replace(case, moe=_replace(case.moe, dtype=draw(
+                dtypes_for(NVFP4_GLOBAL_SCALE), label="dtype")))
+        return case
+    if feature == "format":
+        return draw(fusion_cases(quantized=True, global_scale=False,
+                                 formats=[f for f in EXTENDED_FORMATS if not f.global_scale]),
+                    label="case")
+    # Quantized first (what a failure shrinks to): dense experts have a
+    # property of their own, fused_matches_unfused_dense.
+    quantized = draw(st.sampled_from([True, False]), label="quantized")
+    case = draw(fusion_cases(quantized=quantized, global_scale=False), label="case")
+    return _replace(case, moe=_replace(case.moe, linear_bias=True))
+
+
+def v4_shard_cases(ranks: int | None = None, uneven: bool = True) -> st.SearchStrategy[ShardCase]:
+    """Shard cases of DeepSeek-V4's configurations (checkpoint formats or
+    dense, no linear biases), evenly or (``uneven``) unevenly split."""
+    return st.one_of(
+        shard_cases(ranks=ranks, quantized=True, formats=V4_FORMATS, linear_bias=False,
+                    uneven=uneven),
+        shard_cases(ranks=ranks, quantized=False, linear_bias=False, uneven=uneven))
+
+
+@st.composite
+def extended_shard_cases(draw, ranks: int | None = None) -> ShardCase:
+    """Shard cases beyond DeepSeek-V4's configurations: linear biases, or a
+    format of no V4 checkpoint (no global scale: ``global_scale_shard_cases``)."""
+    if draw(st.booleans(), label="linear_bias"):
+        case = draw(shard_cases(ranks=ranks, uneven=True), label="case")
+        return _replace(case, moe=_replace(case.moe, linear_bias=True))
+    return draw(shard_cases(ranks=ranks, quantized=True, uneven=True,
+                            formats=[f for f in EXTENDED_FORMATS if not f.global_scale]),
+                label="case")
 
 
 # --- variants ---
@@ -330,3 +505,12 @@ def model_cases():
 
     return st.builds(ModelCase, seed=st.integers(0, 2**16), layers=st.integers(2, 3),
                      n_tokens=st.integers(1, 6))
+
+
+def bfloat16_cases(**kwargs) -> st.SearchStrategy[MoECase]:
+    """MoE cases run in bfloat16, where a bug of that dtype alone lives:
+    quantized (MLX's CPU build runs no dense bfloat16), drawn as any case
+    of ``moe_cases`` and then given bfloat16 activations."""
+    return moe_cases(quantized=True, **kwargs).filter(
+        lambda c: unsupported(c.quant, "bfloat16") is None).map(
+        lambda c: _replace(c, dtype="bfloat16"))

@@ -28,7 +28,7 @@ class VariantCheckFailed(AssertionError):
 def report_for(spec: str):
     from dsv4shard.variants.checking import check_isolated
 
-    return check_isolated(spec)
+    return check_isolated(spec, progress=None)
 
 
 @functools.lru_cache(maxsize=None)

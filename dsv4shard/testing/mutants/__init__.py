@@ -98,6 +98,17 @@ BUGS: dict[str, tuple[str, str]] = {
         'limit <= 0 not honoured: clips to |limit| whatever its sign.'),
     'np_arguments_swapped': ('activation', 
         'Arguments swapped: clips and gates the wrong projection.'),
+    'bf16_skips_clip': ('activation',
+        'Clip skipped in bfloat16: the MLX routed experts clip nothing when their inputs are '
+        'bfloat16.'),
+    'clip_after_silu_tf32': ('activation',
+        'Clip after silu, under TF32: the MLX routed experts clip silu(gate), float32 matmuls '
+        'in TF32.'),
+    'two_sided_gate_clip_tf32': ('activation',
+        'Two-sided gate clip, under TF32: gate clipped to [-L, L], float32 matmuls in TF32.'),
+    'bf16_unweighted_routed_sum': ('router',
+        'Routed sum unweighted in bfloat16: the MLX block adds its experts\' outputs without '
+        'the route weights.'),
     'shared_unclipped': ('shared', 
         'Shared expert unclipped under the later revision (shared-clipped).'),
     'shared_dropped': ('shared', 'Shared expert dropped: never added to the routed output.'),
@@ -158,6 +169,10 @@ BUGS: dict[str, tuple[str, str]] = {
         "Bias counted N times: down_proj's linear bias kept on every rank."),
     'shard_rank_dependent_routing': ('sharding', 
         'Rank-dependent routing: ranks choose different experts.'),
+    'shard_uneven_down_one_group_off': ('sharding',
+        "Uneven split, down one group off: the last rank's down columns start one group early."),
+    'shard_keeps_unsharded_copy': ('sharding',
+        'Unsharded copy kept: each rank holds its slice and the whole routed experts beside it.'),
     'shard_global_scale_by_expert': ('sharding', 
         "Global scale sliced by expert: nvfp4's per-expert scale split like a weight."),
     'shard_global_scale_by_expert_structure': ('sharding', 
@@ -255,6 +270,7 @@ FOCUS = {
     "fused_sort_threshold_8": (lambda c: c.moe.n_tokens * c.moe.config.top_k >= 8,),
     "shard_down_wrong_axis": (several_ranks,),
     "shard_shared_left_whole": (several_ranks,),
+    "shard_keeps_unsharded_copy": (several_ranks,),
     "shard_rank_dependent_routing": (experts_to_spare,),
     # The last element of a group reads the next group's scale: two groups or more.
     "group_off_by_one": (lambda c: c.shape[-1] >= 2 * c.fmt.group_size,),
@@ -278,6 +294,9 @@ def catalogue() -> list[Mutant]:
 
     def dense(*predicates, **kwargs):
         return lambda: focus(s.moe_cases(quantized=False, **kwargs), *predicates)
+
+    def bf16(*predicates):
+        return lambda: focus(s.bfloat16_cases(), *predicates)
 
     def clip(*predicates):
         return lambda: focus(s.clip_cases(), *predicates)
@@ -342,6 +361,14 @@ def catalogue() -> list[Mutant]:
                {"clipped_swiglu": act.clipped_swiglu_limit_always}),
         Mutant("np_arguments_swapped", edges.clip_probes, clip(),
                {"clipped_swiglu": act.clipped_swiglu_swapped}),
+        # --- bugs of one dtype or arithmetic alone ---
+        Mutant("bf16_skips_clip", block, bf16(clipped), {"build": act.build_bf16_skips_clip}),
+        Mutant("bf16_unweighted_routed_sum", block, bf16(several_chosen),
+               {"build": router.build_bf16_unweighted_routed_sum}),
+        Mutant("clip_after_silu_tf32", block, dense(tightly_clipped),
+               {"build": act.build_clip_after_silu_tf32}),
+        Mutant("two_sided_gate_clip_tf32", block, dense(tightly_clipped),
+               {"build": act.build_two_sided_gate_clip_tf32}),
         # --- shared expert ---
         Mutant("shared_unclipped", block, moe(clipped, later_revision),
                {"build": shared.build_shared_unclipped}),

@@ -9,6 +9,7 @@ import numpy as np
 
 import reference as ref
 from dsv4shard.activation import ClippedSwiGLU
+from dsv4shard.block import MoEBlock
 from dsv4shard.weights import build_block
 
 # --- MLX activations, called as activation(up, gate) ------------------------
@@ -62,6 +63,18 @@ class LimitNotHonoured(ClippedSwiGLU):
         return mx.minimum(gate, limit), mx.clip(up, -limit, limit)
 
 
+class SkipsClipInBFloat16(ClippedSwiGLU):
+    """Skips both clips when its inputs are bfloat16 (a dtype-gated path,
+    say a fast kernel taken only for bfloat16, that forgot the clip)."""
+
+    def clip(self, gate, up):
+        return (gate, up) if self.skip else super().clip(gate, up)
+
+    def __call__(self, up, gate):
+        self.skip = up.dtype == mx.bfloat16
+        return super().__call__(up, gate)
+
+
 def _with_routed_activation(block, activation):
     block.switch_mlp.activation = activation(block.config.swiglu_limit)
     return block
@@ -93,6 +106,62 @@ def build_limit_not_honoured(config, weights, quant, dtype):
     """Limit <= 0 not honoured: the MLX routed experts clip to |limit| anyway."""
     return _with_routed_activation(build_block(config, weights, quant, dtype),
                                    LimitNotHonoured)
+
+
+def build_bf16_skips_clip(config, weights, quant, dtype):
+    """Clip skipped in bfloat16: the MLX routed experts clip nothing when their inputs are bfloat16."""
+    return _with_routed_activation(build_block(config, weights, quant, dtype),
+                                   SkipsClipInBFloat16)
+
+
+# --- the same bugs under TF32 ----------------------------------------------------
+#
+# MLX's CUDA build runs float32 matmuls in TF32 (operands rounded to 10
+# bits), and the bound follows it there (tolerance.TF32): these blocks do
+# the same on any backend, rounding x and the dense weights to TF32, and say
+# so (``float32_matmul``), so the property judges them with the TF32 bound.
+
+
+def round_to_tf32(a: mx.array) -> mx.array:
+    """float32 values rounded to TF32's 10-bit mantissa (to nearest even, as
+    MLX's CUDA build rounds its matmul operands)."""
+    bits = np.array(a.astype(mx.float32)).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return mx.array(bits.astype(np.uint32).view(np.float32))
+
+
+class TF32Block(MoEBlock):
+    """The block with its float32 matmul operands in TF32: x rounded on the
+    way in (the dense weights are rounded when built)."""
+
+    float32_matmul = "tf32"
+
+    def __call__(self, x, input_ids=None):
+        if x.dtype == mx.float32:
+            x = round_to_tf32(x)
+        return super().__call__(x, input_ids)
+
+
+def under_tf32(block):
+    """``block`` computing its float32 matmuls in TF32, and saying so."""
+    for module in (block.switch_mlp, block.shared_experts):
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layer = module[name]
+            if "scales" not in layer and layer.weight.dtype == mx.float32:
+                layer.weight = round_to_tf32(layer.weight)
+    block.gate.weight = round_to_tf32(block.gate.weight)
+    block.__class__ = TF32Block
+    return block
+
+
+def build_clip_after_silu_tf32(config, weights, quant, dtype):
+    """Clip after silu, under TF32: the MLX routed experts clip silu(gate), float32 matmuls in TF32."""
+    return under_tf32(build_clip_after_silu(config, weights, quant, dtype))
+
+
+def build_two_sided_gate_clip_tf32(config, weights, quant, dtype):
+    """Two-sided gate clip, under TF32: gate clipped to [-L, L], float32 matmuls in TF32."""
+    return under_tf32(build_two_sided_gate_clip(config, weights, quant, dtype))
 
 
 # --- NumPy twins of reference.clipped_swiglu ---------------------------------

@@ -217,15 +217,18 @@ def entries():
         twin("no_clip_behaviour", f.fused_concat_order_behaviour, cases, no_clip),
         twin("sort_threshold_8", f.fused_matches_unfused, cases, sort_threshold_8),
         twin("keeps_unfused_alive", f.fusion_frees_unfused, cases, keeps_unfused_alive),
-        twin("drops_linear_bias", f.fused_matches_unfused, with_bias, drops_linear_bias),
-        twin("drops_global_scale", f.fused_concat_order_structural, global_scale,
+        # Linear biases and global scales lie beyond DeepSeek-V4's own
+        # configurations: the properties that draw them are the extended ones.
+        twin("drops_linear_bias", f.fused_matches_unfused_extended, with_bias,
+             drops_linear_bias),
+        twin("drops_global_scale", f.fused_concat_order_structural_extended, global_scale,
              drops_global_scale),
         # The two below run gather_qmm with a global scale: they skip, with
         # the reason, on a backend without it (MLX's CPU build), never passing
         # for a catch.
-        twin("drops_global_scale_behaviour", f.fused_matches_unfused, global_scale,
+        twin("drops_global_scale_behaviour", f.fused_matches_unfused_extended, global_scale,
              drops_global_scale),
-        twin("ignores_global_scale", f.fused_matches_unfused, global_scale,
+        twin("ignores_global_scale", f.fused_matches_unfused_extended, global_scale,
              ignores_global_scale),
         twin("fuse_then_shard", f.sharded_fusion_matches, sharded, fuse_then_shard,
              key="pipeline"),

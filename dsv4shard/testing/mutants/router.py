@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 
 import reference as ref
-from dsv4shard.block import Router, score
+from dsv4shard.block import MoEBlock, Router, score
 from dsv4shard.weights import build_block
 
 
@@ -101,6 +101,26 @@ class RouterBFloat16Matmul(Router):
             return (a.astype(mx.bfloat16) @ w.astype(mx.bfloat16).T).astype(mx.float32)
 
         return _route(self, x, input_ids, logits=bf16)
+
+
+class UnweightedInBFloat16(MoEBlock):
+    """Adds the routed experts' outputs without their route weights when x
+    is bfloat16 (a dtype-gated combine that dropped the multiply)."""
+
+    def partial(self, x, input_ids=None):
+        if x.dtype != mx.bfloat16:
+            return super().partial(x, input_ids)
+        flat = x.reshape(-1, x.shape[-1])
+        indices, _ = self.gate(flat, input_ids)
+        routed = self.switch_mlp(flat, indices).astype(mx.float32).sum(axis=-2)
+        return routed + self.shared_experts(flat).astype(mx.float32)
+
+
+def build_bf16_unweighted_routed_sum(config, weights, quant, dtype):
+    """Routed sum unweighted in bfloat16: the MLX block adds its experts' outputs without the route weights."""
+    block = build_block(config, weights, quant, dtype)
+    block.__class__ = UnweightedInBFloat16
+    return block
 
 
 def _with_router(block, cls):

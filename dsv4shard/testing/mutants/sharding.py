@@ -6,7 +6,15 @@ from __future__ import annotations
 import mlx.core as mx
 
 from dsv4shard.block import MoEBlock
-from dsv4shard.shard import check_shardable, shard, shard_experts, shard_rows
+from dsv4shard.shard import (
+    check_shardable,
+    group_size_of,
+    shard,
+    shard_columns,
+    shard_experts,
+    shard_rows,
+    split_bounds,
+)
 
 
 def shard_without_all_sum(block, group):
@@ -92,6 +100,41 @@ def shard_rank_dependent_routing(block, group):
     return block
 
 
+def shard_uneven_down_one_group_off(block, group, weights=None):
+    """Uneven split, down one group off: the last rank's down columns start one group early.
+
+    Its gate/up rows are [a, b) of the intermediate dimension, its down_proj
+    columns [a - g, b - g), g a quantization group (8 columns when dense):
+    every rank holds its share of the bytes, but the last rank's h meets the
+    wrong columns of down."""
+    size, rank = group.size(), group.rank()
+    check_shardable(block, size, weights)
+    for mlp in (block.switch_mlp, block.shared_experts):
+        inter = mlp.gate_proj.weight.shape[-2]
+        rows = split_bounds(inter, size, weights)[rank]
+        group_size = group_size_of(mlp.down_proj)
+        step = group_size if group_size > 1 else 8
+        cols = (rows[0] - step, rows[1] - step) if 0 < rank == size - 1 else rows
+        for name in ("gate_proj", "up_proj"):
+            shard_rows(mlp[name], rank, size, rows)
+        shard_columns(mlp.down_proj, rank, size, cols, inter)
+    block.sharding_group = group
+    mx.eval(block.parameters())
+    return block
+
+
+def shard_keeps_unsharded_copy(block, group):
+    """Unsharded copy kept: each rank holds its slice and the whole routed experts beside it.
+
+    The outputs are right; the memory a rank needs is not cut."""
+    import copy
+
+    whole = copy.deepcopy(block.switch_mlp)
+    shard(block, group)
+    block.unsharded_experts = whole
+    return block
+
+
 def shard_moe_without_all_sum(model, group, fuse=None):
     """A whole model's MoE blocks sharded but their partials never added."""
     from dsv4shard.tiny_model import shard_moe_only, v41_moe_blocks
@@ -116,6 +159,9 @@ def entries():
     def real():
         return s.shard_cases(ranks=2)
 
+    def uneven():
+        return s.shard_cases(uneven=True).filter(lambda c: c.split is not None)
+
     def global_scale():
         from dsv4shard.testing.mutants import expert_per_rank
 
@@ -130,12 +176,18 @@ def entries():
                {"shard": shard_down_wrong_axis}),
         Mutant("shard_shared_left_whole", p.sharded_matches_unsharded, virtual,
                {"shard": shard_shared_left_whole}),
-        Mutant("shard_bias_on_every_rank", p.sharded_matches_unsharded, biased,
+        # Linear biases lie beyond DeepSeek-V4's configurations: the extended
+        # property draws them.
+        Mutant("shard_bias_on_every_rank", p.sharded_matches_unsharded_extended, biased,
                {"shard": shard_bias_on_every_rank}),
         Mutant("shard_bias_on_every_rank_structure", p.shard_holds_its_slice, biased,
                {"shard": shard_bias_on_every_rank}),
         Mutant("shard_rank_dependent_routing", p.real_ranks_match_unsharded, real,
                {"shard": shard_rank_dependent_routing}),
+        Mutant("shard_uneven_down_one_group_off", p.sharded_matches_unsharded, uneven,
+               {"shard": shard_uneven_down_one_group_off}),
+        Mutant("shard_keeps_unsharded_copy", p.shard_holds_its_share, virtual,
+               {"shard": shard_keeps_unsharded_copy}),
         # Runs gather_qmm with a global scale: skips, with the reason, on a
         # backend without it (MLX's CPU build), never passing for a catch.
         Mutant("shard_global_scale_by_expert", p.sharded_matches_unsharded, global_scale,

@@ -6,6 +6,13 @@ returns the module to use in place of the SwitchGLU, or None when it changed
 the module in place.  Known-bad installers live in
 ``dsv4shard.testing.mutants.fusion``.
 
+The properties are drawn on DeepSeek-V4's own configurations (quantized in
+a checkpoint format; ``fused_matches_unfused_dense`` for dense experts);
+the ``*_extended`` ones on the rest (linear biases, other formats, a global
+scale), which an installer may decline by raising NotImplementedError
+(``dsv4shard.testing.scope``).  A failure names the bug class where the
+probes of ``dsv4shard.testing.diagnose`` recognise it.
+
 Checks that run no kernel (concat order, freeing, bytes, save/load) run on
 every backend; checks that run the fused module skip, with the reason, where
 the backend cannot run the case (an nvfp4 global scale on MLX's CPU build).
@@ -91,21 +98,52 @@ def skip_unsupported(case: FusionCase) -> None:
         pytest.skip(f"{reason}: skipped on this backend, neither passed nor caught")
 
 
+def fail_fused(prop, case, message: str, fuse_impl, **impl):
+    """Fail ``prop``, leading with the bug classes the probes recognise in
+    ``fuse_impl`` (the first line of a failure is what reports show)."""
+    from dsv4shard.testing.diagnose import diagnose
+
+    found = diagnose(fuse_impl, case) if fuse_impl is not None else []
+    if found:
+        message = f"{'; '.join(found)} [symptom: {message}]"
+    fail(prop, case, message, fuse_impl=fuse_impl, **impl)
+
+
 def attempt(prop, case, what, fn, **impl):
-    """``fn()``, evaluated (a module's parameters, or arrays); an exception
-    becomes this property's failure, naming ``what`` raised it."""
+    """``fn()``, evaluated (a module's parameters, or arrays).  A
+    NotImplementedError declines the case (``scope.declined``: a failure on
+    DeepSeek-V4's own configurations); a broken contract fails naming the
+    contract; any other exception fails, naming ``what`` raised it."""
+    from dsv4shard.fuse import ContractError
+    from dsv4shard.testing.scope import declined, on_what
+
+    fuse_impl = impl.pop("fuse_impl", None)
     try:
         out = fn()
         mx.eval(out.parameters() if hasattr(out, "parameters") else out)
         return out
+    except NotImplementedError as error:
+        declined(prop, case, what, error, fuse_impl=fuse_impl, **impl)
+    except ContractError as error:
+        fail(prop, case, f"broken contract: {error}", fuse_impl=fuse_impl, **impl)
     except Exception as error:  # noqa: BLE001 - any crash is the property failing
-        fail(prop, case, f"{what} raised {type(error).__name__}: {error}", **impl)
+        first = (str(error).strip().splitlines() or [""])[0]
+        fail_fused(prop, case, f"{what} raised {type(error).__name__}: {first} "
+                   f"({on_what(case)})", fuse_impl, **impl)
 
 
 def install(prop, case, block, fuse_impl):
     """Fuse ``block.switch_mlp`` in place with ``fuse_impl``; a crash fails."""
     return attempt(prop, case, "the installer", lambda: fuse_block(block, fuse_impl),
                    fuse_impl=fuse_impl)
+
+
+def same_shapes(prop, case, what: str, got, want, fuse_impl, **impl) -> None:
+    """A fused output of another shape than the unfused one fails clearly
+    (before any comparison that would index past it)."""
+    if tuple(got.shape) != tuple(want.shape):
+        fail_fused(prop, case, f"the fused {what} has shape {tuple(got.shape)}, the unfused "
+                   f"one {tuple(want.shape)}", fuse_impl, **impl)
 
 
 def outputs(block, x, indices, flat, ids):
@@ -131,22 +169,38 @@ def raw(a: mx.array) -> np.ndarray:
 
 def fused_matches_unfused(case: FusionCase, fuse_impl=install_fused):
     """The fused block is bit-identical to the unfused one: the switch_mlp
-    output [*, k, D] and the block's pre-sum output, for every mode, dtype,
-    token count on both sides of the sort threshold, index pattern, [T, D]
-    or [B, L, D] tokens, and with a linear bias."""
+    output [*, k, D] and the block's pre-sum output, for every format and
+    dtype drawn, token count on both sides of the sort threshold, index
+    pattern, [T, D] or [B, L, D] tokens (DeepSeek-V4's checkpoint formats;
+    the dense and extended regions have properties of their own)."""
+    prop = fused_matches_unfused
     skip_unsupported(case)
     block = build(case)
     x, indices, flat, ids = inputs(case)
     want = outputs(block, x, indices, flat, ids)
     mx.eval(want)
-    install(fused_matches_unfused, case, block, fuse_impl)
-    got = attempt(fused_matches_unfused, case, "the fused block",
+    install(prop, case, block, fuse_impl)
+    got = attempt(prop, case, "the fused block",
                   lambda: outputs(block, x, indices, flat, ids), fuse_impl=fuse_impl)
     for what, g, w in zip(("switch_mlp output", "block output"), got, want, strict=True):
+        same_shapes(prop, case, what, g, w, fuse_impl)
         diff = exact(g, w)
         if diff:
-            fail(fused_matches_unfused, case, f"fused {what} differs from the unfused one "
-                 f"(bit-exact compare): {diff}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, f"fused {what} differs from the unfused one "
+                       f"(bit-exact compare): {diff}", fuse_impl)
+
+
+def fused_matches_unfused_dense(case: FusionCase, fuse_impl=install_fused):
+    """fused_matches_unfused on dense (unquantized) routed experts, a
+    DeepSeek-V4 configuration reported apart from the checkpoint formats."""
+    fused_matches_unfused(case, fuse_impl)
+
+
+def fused_matches_unfused_extended(case: FusionCase, fuse_impl=install_fused):
+    """fused_matches_unfused beyond DeepSeek-V4's configurations: linear
+    biases, other formats and groups, an nvfp4 global scale (where the
+    backend runs it).  An installer may decline these."""
+    fused_matches_unfused(case, fuse_impl)
 
 
 def find_fused(params, shape, dtype, up, gate):
@@ -194,16 +248,23 @@ def fused_concat_order_structural(case: FusionCase, fuse_impl=install_fused):
             what = "; ".join(seen) if seen else (
                 f"no parameter of shape {tuple(shape)} and dtype {kinds[key]} at all: the "
                 f"fused {key} is missing or hidden from parameters()")
-            fail(prop, case, f"concat order of {key}: no fused parameter holds [up, gate] "
-                 f"(up_proj.{key} rows first): {what}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, f"concat order of {key}: no fused parameter holds [up, "
+                       f"gate] (up_proj.{key} rows first): {what}", fuse_impl)
     if "global_scale" in up:
         scale = up["global_scale"]
         kept = [p for p, v in params if tuple(v.shape) == scale.shape
                 and v.dtype == mx.float32 and np.array_equal(raw(v), scale)]
         if not kept:
-            fail(prop, case, "the nvfp4 global scale was dropped: no parameter of the fused "
-                 f"module (outside down_proj) holds up/gate's per-expert global scale "
-                 f"{scale.tolist()}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, "the nvfp4 global scale was dropped: no parameter of the "
+                       f"fused module (outside down_proj) holds up/gate's per-expert global "
+                       f"scale {scale.tolist()}", fuse_impl)
+
+
+def fused_concat_order_structural_extended(case: FusionCase, fuse_impl=install_fused):
+    """fused_concat_order_structural beyond DeepSeek-V4's configurations:
+    linear biases concatenated like the weights, an nvfp4 global scale kept.
+    An installer may decline these."""
+    fused_concat_order_structural(case, fuse_impl)
 
 
 def fused_concat_order_behaviour(case: FusionCase, fuse_impl=install_fused):
@@ -232,13 +293,16 @@ def fused_concat_order_behaviour(case: FusionCase, fuse_impl=install_fused):
                   lambda: block.switch_mlp(flat, mx.array(idx, dtype=mx.int32)),
                   fuse_impl=fuse_impl)
     got = to_numpy(got)
+    if got.shape != right.shape:
+        fail_fused(prop, case, f"the fused switch_mlp output has shape {got.shape}, the "
+                   f"reference's {right.shape}", fuse_impl)
     bad = tolerance.worst_mismatch(got, right, bound)
     if bad:
         if tolerance.worst_mismatch(got, swapped, swapped_bound) is None:
-            fail(prop, case, f"the fused output follows the [gate, up] order (activation "
-                 f"gets gate as up): {bad}", fuse_impl=fuse_impl)
-        fail(prop, case, f"the fused output is not the reference's clipped SwiGLU of "
-             f"[up, gate]: {bad}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, f"the fused output follows the [gate, up] order "
+                       f"(activation gets gate as up): {bad}", fuse_impl)
+        fail_fused(prop, case, f"the fused output is not the reference's clipped SwiGLU of "
+                   f"[up, gate]: {bad}", fuse_impl)
 
 
 def shard_then_fuse(block, rank: int, size: int, fuse_impl):
@@ -265,11 +329,12 @@ def sharded_fusion_matches(case: FusionCase, fuse_impl=install_fused,
         got = attempt(prop, case, f"rank {rank}'s fused block",
                       lambda b=local: outputs(b, x, indices, flat, ids), **impl)
         for what, g, w in zip(("switch_mlp output", "block output"), got, want, strict=True):
+            same_shapes(prop, case, f"rank {rank} {what}", g, w, fuse_impl, pipeline=pipeline)
             diff = exact(g, w)
             if diff:
-                fail(prop, case, f"rank {rank} of {case.ranks}: the {pipeline.__name__} "
-                     f"{what} differs from the sharded unfused one: {diff}",
-                     fuse_impl=fuse_impl, pipeline=pipeline)
+                fail_fused(prop, case, f"rank {rank} of {case.ranks}: the {pipeline.__name__} "
+                           f"{what} differs from the sharded unfused one: {diff}",
+                           fuse_impl, pipeline=pipeline)
 
 
 def key_of(container: dict, value) -> str:
@@ -351,13 +416,13 @@ def fusion_frees_unfused(case: FusionCase, fuse_impl=install_fused):
                 or (p.startswith("switch_mlp.") and set(p.split(".")) & set(GATE_UP))]
         extra = extra_references(held)
     if kept:
-        fail(prop, case, f"parameters() still has the unfused gate/up entries {kept}",
-             fuse_impl=fuse_impl)
+        fail_fused(prop, case, f"parameters() still has the unfused gate/up entries {kept}",
+                   fuse_impl)
     for i, count in enumerate(extra):
         if count > 0:
-            fail(prop, case, f"{names[i]} (shape {tuple(held[i].shape)}) is still referenced "
-                 f"by {count} object(s) besides this test after install: "
-                 f"{referrers(held[i], held, block)}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, f"{names[i]} (shape {tuple(held[i].shape)}) is still "
+                       f"referenced by {count} object(s) besides this test after install: "
+                       f"{referrers(held[i], held, block)}", fuse_impl)
     del held, block
 
     with young_gc(), exact_memory():
@@ -371,9 +436,9 @@ def fusion_frees_unfused(case: FusionCase, fuse_impl=install_fused):
         grown = mx.get_active_memory() - before
     slack = min(old_bytes // 4, 4096)
     if grown > slack:
-        fail(prop, case, f"MLX's active memory grew by {grown} bytes across install + gc "
-             f"(slack {slack}); the unfused gate/up arrays are {old_bytes} bytes: something "
-             f"keeps them alive", fuse_impl=fuse_impl)
+        fail_fused(prop, case, f"MLX's active memory grew by {grown} bytes across install + "
+                   f"gc (slack {slack}); the unfused gate/up arrays are {old_bytes} bytes: "
+                   f"something keeps them alive", fuse_impl)
 
 
 def fusion_keeps_bytes_and_round_trips(case: FusionCase, fuse_impl=install_fused):
@@ -389,9 +454,9 @@ def fusion_keeps_bytes_and_round_trips(case: FusionCase, fuse_impl=install_fused
     install(prop, case, block, fuse_impl)
     after = nbytes(block)
     if after not in (before, before - saved):
-        fail(prop, case, f"parameter bytes went from {before} to {after} on fusing "
-             f"(expected {before}" + (f" or {before - saved}" if saved else "") + ")",
-             fuse_impl=fuse_impl)
+        fail_fused(prop, case, f"parameter bytes went from {before} to {after} on fusing "
+                   f"(expected {before}" + (f" or {before - saved}" if saved else "") + ")",
+                   fuse_impl)
     other = build(replace(case, moe=replace(case.moe, seed=(case.moe.seed + 1) % 2**32)))
     install(prop, case, other, fuse_impl)
     with tempfile.TemporaryDirectory() as tmp:
@@ -401,18 +466,28 @@ def fusion_keeps_bytes_and_round_trips(case: FusionCase, fuse_impl=install_fused
                 fuse_impl=fuse_impl)
     mine, theirs = dict(tree_flatten(block.parameters())), dict(tree_flatten(other.parameters()))
     if set(mine) != set(theirs):
-        fail(prop, case, f"after load_weights the parameter names differ: "
-             f"{sorted(set(mine) ^ set(theirs))}", fuse_impl=fuse_impl)
+        fail_fused(prop, case, f"after load_weights the parameter names differ: "
+                   f"{sorted(set(mine) ^ set(theirs))}", fuse_impl)
     for key in sorted(mine):
         diff = exact(mine[key], theirs[key])
         if mine[key].dtype != theirs[key].dtype or diff:
-            fail(prop, case, f"{key} did not round-trip through save_weights/load_weights: "
-                 f"{mine[key].dtype} vs {theirs[key].dtype}; {diff}", fuse_impl=fuse_impl)
+            fail_fused(prop, case, f"{key} did not round-trip through save_weights/"
+                       f"load_weights: {mine[key].dtype} vs {theirs[key].dtype}; {diff}",
+                       fuse_impl)
     if backend.unsupported(case.moe.quant, case.moe.dtype) is None:
         x, indices, flat, ids = inputs(case)
-        for what, g, w in zip(("switch_mlp output", "block output"),
-                              outputs(other, x, indices, flat, ids),
+        got = attempt(prop, case, "the reloaded fused block",
+                      lambda: outputs(other, x, indices, flat, ids), fuse_impl=fuse_impl)
+        for what, g, w in zip(("switch_mlp output", "block output"), got,
                               outputs(block, x, indices, flat, ids), strict=True):
+            same_shapes(prop, case, f"reloaded {what}", g, w, fuse_impl)
             if diff := exact(g, w):
-                fail(prop, case, f"the reloaded fused block's {what} differs: {diff}",
-                     fuse_impl=fuse_impl)
+                fail_fused(prop, case, f"the reloaded fused block's {what} differs: {diff}",
+                           fuse_impl)
+
+
+def fusion_keeps_bytes_and_round_trips_extended(case: FusionCase, fuse_impl=install_fused):
+    """fusion_keeps_bytes_and_round_trips beyond DeepSeek-V4's
+    configurations (linear biases, other formats, one shared nvfp4 global
+    scale).  An installer may decline these."""
+    fusion_keeps_bytes_and_round_trips(case, fuse_impl)

@@ -4,6 +4,14 @@ Each property takes a drawn case and ``build``, the function that makes the
 MLX block ``build(config, weights, quant, dtype)``; known-bad twins are other
 ``build`` functions.  The reference always runs on the weights read back
 from the built block, so quantization error never enters the comparison.
+
+Every value comparison is split in two: the expected side (``expect_*``: the
+value a right block returns, following the block's arithmetic where it
+rounds, and the bound; ``dsv4shard.testing.tolerance.Expected``), built
+from the case and the block's weights without running the block, and the
+actual side, the block's output.  ``dsv4shard.testing.power`` feeds the
+expected sides canned wrong answers to show each comparison rejects them.
+A passing property returns its bound-to-signal figure.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ import mlx.core as mx
 import numpy as np
 from hypothesis import assume
 
-import reference as ref
 from dsv4shard.testing import data, tolerance
 from dsv4shard.testing.report import fail
 from dsv4shard.testing.strategies import SORT_THRESHOLD, MoECase
@@ -32,27 +39,63 @@ def built(case: MoECase, build):
     return block, read_weights(block)
 
 
-def assume_clear_choice(x_ref, weights, config):
+def assume_clear_choice(x_ref, weights, config, tf32: bool | None = None):
     """Near-tied router scores are a discontinuity: a float32 router may pick
-    either expert.  Such draws are discarded, never tolerated."""
+    either expert.  Such draws are discarded, never tolerated.  ``tf32``:
+    whether the router's matmul runs in TF32 (None: as the backend's does)."""
     if not config.hash_routing:
         assume(np.all(tolerance.router_gap(x_ref, weights, config)
-                      > tolerance.router_margin(x_ref, weights, config)))
+                      > tolerance.router_margin(x_ref, weights, config, tf32)))
+
+
+def router_in_tf32(block, dtype: str) -> bool:
+    return arithmetic_of(block, dtype).float32_matmul == "tf32"
+
+
+def arithmetic_of(block, dtype: str) -> tolerance.Arithmetic:
+    """The arithmetic the bound follows: the running backend's, unless the
+    block says its float32 matmuls run in TF32 (``block.float32_matmul``)."""
+    return tolerance.arithmetic(dtype, getattr(block, "float32_matmul", None))
+
+
+def judge(prop, case, got, expected: tolerance.Expected, build, what: str = "") -> str:
+    """Fail ``prop`` where ``got`` leaves the expected side's bound; else
+    return the bound-to-signal figure (the pass detail)."""
+    bad = expected.check(got)
+    if bad:
+        fail(prop, case, f"{what}{bad}; {expected.note()}", build=build)
+    return expected.note()
+
+
+def expect_switch_glu(drawn: MoECase, block, weights) -> tolerance.Expected:
+    """The expected side of switch_glu_matches_reference (and, doubled, of
+    sorted_matches_unsorted): SwitchGLU's [T, k, D] on the case's indices."""
+    _, x_ref, _, _ = inputs(drawn)
+    return tolerance.expect_switch_glu(x_ref, data.make_indices(drawn), weights,
+                                       drawn.config.swiglu_limit,
+                                       arithmetic_of(block, drawn.dtype),
+                                       tolerance.block_kernels(block, weights))
+
+
+def expect_moe(drawn: MoECase, block, weights, x_ref=None, ids_ref=None) -> tolerance.Expected:
+    """The expected side of moe_matches_reference: the block's [T, D] on the
+    case's tokens (or on ``x_ref`` / ``ids_ref``)."""
+    if x_ref is None:
+        _, x_ref, _, ids_ref = inputs(drawn)
+    return tolerance.expect_moe(x_ref, weights, drawn.config,
+                                arithmetic_of(block, drawn.dtype),
+                                tolerance.block_kernels(block, weights), ids_ref)
 
 
 def switch_glu_matches_reference(case: MoECase, build=build_block):
     """mlx-lm's SwitchGLU with the clipped activation equals the reference's
     per-expert outputs [T, k, D] on the dequantized weights, within the bound."""
     block, weights = built(case, build)
-    x, x_ref, _, _ = inputs(case)
+    x, _, _, _ = inputs(case)
     indices = data.make_indices(case)
     got = to_numpy(block.switch_mlp(x, mx.array(indices, dtype=mx.int32)))
-    want = ref.switch_glu(x_ref, indices, weights, case.config.swiglu_limit)
-    bound = tolerance.switch_glu_bound(x_ref, indices, weights, case.config.swiglu_limit,
-                                       case.dtype)
-    bad = tolerance.worst_mismatch(got, want, bound)
-    if bad:
-        fail(switch_glu_matches_reference, case, str(bad), build=build)
+    return judge(switch_glu_matches_reference, case, got, expect_switch_glu(case, block, weights),
+                 build)
 
 
 def moe_matches_reference(case: MoECase, build=build_block):
@@ -60,33 +103,34 @@ def moe_matches_reference(case: MoECase, build=build_block):
     equals ``reference.moe`` within the bound, for [T, D] and [B, L, D] inputs."""
     block, weights = built(case, build)
     x, x_ref, ids, ids_ref = inputs(case)
-    assume_clear_choice(x_ref, weights, case.config)
+    assume_clear_choice(x_ref, weights, case.config, router_in_tf32(block, case.dtype))
     shape = case.token_shape
     got = block(x.reshape(*shape, -1), None if ids is None else ids.reshape(shape))
     got = to_numpy(got).reshape(case.n_tokens, -1)
-    want = ref.moe(x_ref, weights, case.config, ids_ref)
-    bound = tolerance.moe_bound(x_ref, weights, case.config, case.dtype, ids_ref)
-    bad = tolerance.worst_mismatch(got, want, bound)
-    if bad:
-        fail(moe_matches_reference, case, str(bad), build=build)
+    return judge(moe_matches_reference, case, got, expect_moe(case, block, weights), build)
+
+
+def expect_sorted(drawn: MoECase, block, weights, pieces) -> tolerance.Expected:
+    """The expected side of sorted_matches_unsorted: the unsorted chunks'
+    output, each side within the SwitchGLU bound of what a right one returns
+    (on the CPU, where the kernels are followed bit for bit, both exactly)."""
+    bound = 2 * expect_switch_glu(drawn, block, weights).bound
+    return tolerance.Expected(pieces, bound, arithmetic_of(block, drawn.dtype))
 
 
 def sorted_matches_unsorted(case: MoECase, build=build_block):
     """SwitchGLU on all tokens at once (sorted by expert once indices.size
     reaches the threshold) equals SwitchGLU on chunks too small to sort."""
     block, weights = built(case, build)
-    x, x_ref, _, _ = inputs(case)
+    x, _, _, _ = inputs(case)
     indices = mx.array(data.make_indices(case), dtype=mx.int32)
     whole = to_numpy(block.switch_mlp(x, indices))
     chunk = max(1, (SORT_THRESHOLD - 1) // case.config.top_k)
     parts = [to_numpy(block.switch_mlp(x[i:i + chunk], indices[i:i + chunk]))
              for i in range(0, case.n_tokens, chunk)]
     pieces = np.concatenate(parts)
-    bound = 2 * tolerance.switch_glu_bound(x_ref, np.array(indices), weights,
-                                           case.config.swiglu_limit, case.dtype)
-    bad = tolerance.worst_mismatch(whole, pieces, bound)
-    if bad:
-        fail(sorted_matches_unsorted, case, f"sorted vs unsorted: {bad}", build=build)
+    return judge(sorted_matches_unsorted, case, whole,
+                 expect_sorted(case, block, weights, pieces), build, "sorted vs unsorted: ")
 
 
 # Probe logits (SPEC §1, router): float32's exp overflows past about 88.7, so
@@ -115,6 +159,15 @@ def extreme_probes(case: MoECase):
     return weights, np.concatenate([np.eye(2, c.hidden_size), tokens])
 
 
+def extreme_inputs(drawn: MoECase, x64):
+    """(x as MLX sees it, x_ref, ids as MLX sees them, ids_ref) for the probe tokens."""
+    x = mx.array(x64, dtype=mx.float32).astype(DTYPES[drawn.dtype])
+    c = drawn.config
+    ids_ref = np.arange(len(x64)) % c.vocab_size if c.hash_routing else None
+    ids = None if ids_ref is None else mx.array(ids_ref, dtype=mx.int32)
+    return x, to_numpy(x), ids, ids_ref
+
+
 def moe_matches_reference_at_extremes(case: MoECase, build=build_block):
     """The whole MLX block equals ``reference.moe`` within the bound on two
     probe tokens whose router logits sit at the extremes, besides the case's
@@ -125,17 +178,10 @@ def moe_matches_reference_at_extremes(case: MoECase, build=build_block):
     weights, x64 = extreme_probes(case)
     block = build(c, weights, case.quant, case.dtype)
     weights = read_weights(block)
-    x = mx.array(x64, dtype=mx.float32).astype(DTYPES[case.dtype])
-    x_ref = to_numpy(x)
-    ids_ref = None
-    if c.hash_routing:
-        ids_ref = np.arange(len(x64)) % c.vocab_size
-    assume_clear_choice(x_ref, weights, c)
-    ids = None if ids_ref is None else mx.array(ids_ref, dtype=mx.int32)
+    x, x_ref, ids, ids_ref = extreme_inputs(case, x64)
+    assume_clear_choice(x_ref, weights, c, router_in_tf32(block, case.dtype))
     got = to_numpy(block(x, ids))
-    want = ref.moe(x_ref, weights, c, ids_ref)
-    bound = tolerance.moe_bound(x_ref, weights, c, case.dtype, ids_ref)
-    bad = tolerance.worst_mismatch(got, want, bound)
-    if bad:
-        fail(moe_matches_reference_at_extremes, case, f"probe tokens 0 (logits "
-             f"{LARGE_LOGITS}) and 1 (logits in {TINY_LOGITS}) first: {bad}", build=build)
+    return judge(moe_matches_reference_at_extremes, case, got,
+                 expect_moe(case, block, weights, x_ref, ids_ref), build,
+                 f"probe tokens 0 (logits {LARGE_LOGITS}) and 1 (logits in {TINY_LOGITS}) "
+                 f"first: ")

@@ -1,0 +1,71 @@
+"""How many real ranks this machine can hold, checked before any starts.
+
+Every rank is a Python process with MLX, mlx-lm and the suite imported, and
+the blocks and models of its jobs built.  ``RANK_BYTES`` is what one such
+process may need: measured with mlx 0.32.4 on Linux (CPU), a rank's peak
+resident memory is 125-230 MB after typical MoE and tiny-model jobs of the
+suite and 370-420 MB after the largest block it draws (32 experts, I = 256,
+D = 128, 70 tokens); 64 ranks of one session filled 22.6 GB (about 350 MB
+each).  ``tests/test_third_party.py`` measures a rank after that largest
+job and insists the figure covers it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+RANK_BYTES = 512 * 2**20
+HEADROOM = 0.9  # of the memory available now, what ranks may take
+
+
+class RankMemoryError(ValueError):
+    """More ranks than this machine's memory holds."""
+
+
+def available_bytes() -> int | None:
+    """Memory available for new processes now (Linux: MemAvailable; macOS:
+    the physical memory less what is wired and active), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            total = int(subprocess.run(["sysctl", "-n", "hw.memsize"], capture_output=True,
+                                       text=True, timeout=5).stdout)
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+        return total // 2  # active and wired pages are not cheap to read: assume half
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gb(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+def check(ranks: int, pools: int = 1, option: str = "--ranks") -> None:
+    """Raise :class:`RankMemoryError`, naming the memory ``ranks`` ranks
+    (times ``pools``: xdist workers each start their own) would need, when
+    this machine does not have it."""
+    available = available_bytes()
+    if available is None:
+        return
+    need = ranks * pools * RANK_BYTES
+    if need <= HEADROOM * available:
+        return
+    most = max(0, int(HEADROOM * available // (pools * RANK_BYTES)))
+    workers = f" x {pools} test workers, each starting its own ranks," if pools > 1 else ""
+    raise RankMemoryError(
+        f"{option} {ranks}: {ranks} rank processes{workers} need about {gb(need)} "
+        f"({RANK_BYTES // 2**20} MB each: the peak memory of a rank running the suite's "
+        f"jobs), and this machine has {gb(available)} available; use {option} {most} or "
+        f"fewer" + (" (or fewer test workers, -n)" if pools > 1 else ""))

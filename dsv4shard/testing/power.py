@@ -1,0 +1,471 @@
+"""Power: every value comparison of the suite can fail.
+
+A comparison within a bound is only as good as the wrong answers it
+rejects.  Each comparison is split into its expected side (a
+:class:`~dsv4shard.testing.tolerance.Expected`: the value a right
+implementation returns and the bound) and the actual side (the MLX output).
+Here the expected side of every comparison is fed canned wrong answers
+built from the right one, in the reference and without running a kernel:
+
+- ``zeros``; ``half`` and ``one_and_a_half`` (0.5x and 1.5x the right
+  answer); ``negated``;
+- ``routed_clip_removed``: the reference with the routed experts unclipped
+  (activations scaled by 30, so the clip is active);
+- ``shared_dropped``; ``expert_dropped`` (each token loses the expert in
+  its first slot); ``route_scale_2.5`` (2.5 where the layer says 1.5, or
+  1.5 where it says 2.5); ``expert_sets_swapped`` (tokens 0 and 1 computed
+  with each other's experts and weights).
+
+Each wrong answer is rounded to the comparison's dtype, as an MLX output in
+it would be.  :func:`comparisons` lists, per comparison of the project's
+properties and of the variant checks, the settings (dtype, quantization
+mode) it runs in on this backend; ``tests/test_power.py`` insists every
+wrong answer is rejected in each, and shows the meta-test itself can fail
+(a bound widened 20 times lets some through).  Near-tied router choices are
+discarded, never tolerated: a scene keeps the tokens a comparison keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+import reference as ref
+from dsv4shard.testing import tolerance
+from reference.moe_block import MoEConfig, MoEWeights, Revision
+from reference.quantization import QuantFormat
+
+WRONG_ANSWERS = ("zeros", "half", "one_and_a_half", "negated", "routed_clip_removed",
+                 "shared_dropped", "expert_dropped", "route_scale_2.5", "expert_sets_swapped")
+
+# The scale that drives gate and up deep past the clip (L = 10): a block
+# that loses the clip is then off by ~30^2 / 10.
+CLIP_SCALE = 30.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What a comparison compares, as the reference sees it: tokens [T, D]
+    as MLX holds them, the weights the kernels hold, the layer's config,
+    the dtype, and for a hash layer the token ids.  ``indices``: the experts
+    a SwitchGLU comparison drives [T, k] (None: the whole block's)."""
+
+    x: np.ndarray
+    weights: MoEWeights
+    config: MoEConfig
+    dtype: str
+    ids: np.ndarray | None = None
+    indices: np.ndarray | None = None
+
+
+# --- the wrong answers ---------------------------------------------------------------
+
+
+def _routed(scene: Scene, limit: float, indices, w):
+    return ref.routed_experts(scene.x, indices, w, scene.weights, limit)
+
+
+def _shared(scene: Scene):
+    return ref.shared_expert(scene.x, scene.weights, scene.config)
+
+
+def _swap(a: np.ndarray) -> np.ndarray:
+    b = a.copy()
+    b[[0, 1]] = a[[1, 0]]
+    return b
+
+
+def _distinct_pair(indices) -> bool:
+    return len(indices) >= 2 and set(indices[0].tolist()) != set(indices[1].tolist())
+
+
+def block_answer(scene: Scene, name: str):
+    """The whole block's wrong answer ``name`` [T, D] in float64, or None
+    where it would equal the right one (no other pair of expert sets, say)."""
+    c = scene.config
+    indices, w = ref.route(scene.x, scene.weights, c, scene.ids)
+    shared = _shared(scene)
+    if name == "routed_clip_removed":
+        if c.swiglu_limit <= 0:
+            return None
+        return _routed(scene, 0.0, indices, w) + shared
+    if name == "shared_dropped":
+        return _routed(scene, c.swiglu_limit, indices, w)
+    if name == "shared_clip_removed":
+        if ref.shared_expert_limit(c) <= 0:
+            return None
+        unclipped = replace(c, revision=Revision.FIRST_RELEASE)
+        return _routed(scene, c.swiglu_limit, indices, w) + ref.shared_expert(
+            scene.x, scene.weights, unclipped)
+    if name == "expert_dropped":
+        dropped = w.copy()
+        dropped[:, 0] = 0.0
+        return _routed(scene, c.swiglu_limit, indices, dropped) + shared
+    if name == "route_scale_2.5":
+        other = 1.5 if c.route_scale == 2.5 else 2.5
+        return _routed(scene, c.swiglu_limit, indices, w * (other / c.route_scale)) + shared
+    if name == "expert_sets_swapped":
+        if not _distinct_pair(indices):
+            return None
+        return _routed(scene, c.swiglu_limit, _swap(indices), _swap(w)) + shared
+    raise KeyError(name)
+
+
+def experts_answer(scene: Scene, name: str):
+    """SwitchGLU's wrong answer ``name`` [T, k, D], or None where it does not apply
+    (SwitchGLU neither weights by the route nor adds the shared expert)."""
+    c, indices = scene.config, scene.indices
+    if name == "routed_clip_removed":
+        return None if c.swiglu_limit <= 0 else ref.switch_glu(scene.x, indices,
+                                                                scene.weights, 0.0)
+    if name == "expert_dropped":
+        y = ref.switch_glu(scene.x, indices, scene.weights, c.swiglu_limit)
+        y[:, 0] = 0.0
+        return y
+    if name == "expert_sets_swapped":
+        if not _distinct_pair(indices):
+            return None
+        return ref.switch_glu(scene.x, _swap(indices), scene.weights, c.swiglu_limit)
+    return None  # shared_dropped, shared_clip_removed, route_scale_2.5
+
+
+SCALINGS = {"zeros": 0.0, "half": 0.5, "one_and_a_half": 1.5, "negated": -1.0}
+
+
+def wrong_answer(scene: Scene | None, name: str, right: np.ndarray, dtype: str = "float32"):
+    """Wrong answer ``name`` as an MLX output in the scene's dtype, or None
+    where it does not apply; ``right`` is the expected side's value (a
+    comparison of logits has no scene: only the scalings apply)."""
+    if name in SCALINGS:
+        value = SCALINGS[name] * np.asarray(right, np.float64)
+        return tolerance.round_to(value, scene.dtype if scene else dtype)
+    if scene is None:
+        return None
+    if scene.indices is None:
+        value = block_answer(scene, name)
+    else:
+        value = experts_answer(scene, name)
+    if value is None:
+        return None
+    return tolerance.round_to(np.asarray(value).reshape(np.shape(right)), scene.dtype)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One wrong answer fed to one comparison's expected side."""
+
+    comparison: str
+    setting: str
+    wrong: str
+    accepted: bool
+    detail: str  # the mismatch that rejected it, or the bound/signal that let it through
+
+
+def trials(comparison: str, setting: str, expected: tolerance.Expected, scene: Scene | None,
+           names=WRONG_ANSWERS) -> list[Trial]:
+    """Every applicable wrong answer against ``expected``."""
+    out = []
+    for name in names:
+        got = wrong_answer(scene, name, expected.want, expected.arith.dtype)
+        if got is None:
+            continue
+        bad = expected.check(got)
+        out.append(Trial(comparison, setting, name, bad is None,
+                         expected.note() if bad is None else str(bad)))
+    return out
+
+
+def accepted(found: list[Trial]) -> list[Trial]:
+    return [t for t in found if t.accepted]
+
+
+def diagnosis(scene: Scene, got, right) -> str:
+    """Which wrong answer ``got`` resembles, as the start of a failure
+    message ("" when none does): the right answer ``right`` scaled by a
+    fitted factor, or one of the reference's look-alikes, whichever lies
+    far closer to ``got`` than ``right`` does (the look-alikes are float64
+    answers, so they stand a kernel's rounding apart from ``got``)."""
+    got, right = np.asarray(got, np.float64), np.asarray(right, np.float64)
+
+    def distance(candidate):
+        return float(np.median(np.abs(got - candidate)) / max(np.median(np.abs(candidate)),
+                                                               1e-30))
+
+    norm = float((right * right).sum())
+    factor = float((got * right).sum()) / norm if norm > 0 else 1.0
+    named = [(f"the output is {factor:.3g} x the expected one", factor * right)]
+    named += _lookalikes(scene, right.shape)
+    off = distance(right)
+    name, best = min(((n, distance(c)) for n, c in named), key=lambda pair: pair[1])
+    if best < 0.25 * off and best < 0.05:
+        return f"{name}: "
+    return ""
+
+
+def _lookalikes(scene: Scene, shape) -> list[tuple[str, np.ndarray]]:
+    """(description, answer) of every look-alike that applies to ``scene``."""
+    found = []
+    for name, words in LOOKALIKE.items():
+        answer = (block_answer(scene, name) if scene.indices is None
+                  else experts_answer(scene, name))
+        if answer is not None:
+            found.append((words, answer.reshape(shape)))
+    return found
+
+
+LOOKALIKE = {
+    "routed_clip_removed": "the output matches the reference with the routed experts' clip "
+                           "removed",
+    "shared_clip_removed": "the output matches the reference with the shared expert's clip "
+                           "removed",
+    "shared_dropped": "the output matches the reference without the shared expert",
+    "expert_dropped": "the output matches the reference with one of each token's experts "
+                      "dropped",
+    "route_scale_2.5": "the output matches the reference with another route_scale",
+    "expert_sets_swapped": "the output matches the reference with two tokens' experts swapped",
+}
+
+
+# --- the comparisons -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A dtype and format a comparison runs in; ``tf32``: float32 matmuls
+    rounding their operands to TF32, as on MLX's CUDA build (emulated in
+    the bound wherever the meta-test runs)."""
+
+    dtype: str
+    quant: QuantFormat | None
+    tf32: bool = False
+
+    def __str__(self):
+        q = self.quant
+        fmt = "dense" if q is None else f"{q.mode} {q.bits}-bit g{q.group_size}"
+        return f"{self.dtype}{' (TF32)' if self.tf32 else ''} {fmt}"
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A value comparison of a property, how to build its expected side
+    (and the scene its wrong answers come from) for a setting, and the
+    wrong answers that apply to what it compares."""
+
+    name: str
+    settings: Callable[[], list[Setting]]
+    expect: Callable[[Setting], tuple[tolerance.Expected, Scene]]
+    wrong: tuple[str, ...] = WRONG_ANSWERS
+
+
+# The formats of the project's drawn cases (and of the variant checks' routed experts).
+PROJECT_FORMATS = (None, QuantFormat("affine", 32, 4), QuantFormat("affine", 64, 8),
+                   QuantFormat("mxfp4", 32, 4), QuantFormat("mxfp8", 32, 8),
+                   QuantFormat("nvfp4", 16, 4))
+
+
+def project_settings() -> list[Setting]:
+    """Every (dtype, format) the unfused properties draw on this backend,
+    and float32 under TF32."""
+    from dsv4shard.backend import unsupported
+
+    found = [Setting(d, q) for d in ("float32", "float16", "bfloat16") for q in PROJECT_FORMATS
+             if unsupported(q, d) is None]
+    return found + [Setting("float32", q, tf32=True) for q in PROJECT_FORMATS
+                    if unsupported(q, "float32") is None]
+
+
+def moe_case(setting: Setting, seed: int = 0, **config):
+    """A MoECase where every canned answer differs from the right one: the
+    clip active (scale 30, L = 10), several experts per token."""
+    from dsv4shard.testing.strategies import MoECase
+
+    values = dict(hidden_size=64, intermediate_size=64, n_experts=8, top_k=3,
+                  swiglu_limit=10.0, route_scale=1.5, score_func="sqrtsoftplus",
+                  revision=Revision.SHARED_CLIPPED)
+    values.update(config)
+    return MoECase(MoEConfig(**values), setting.quant, setting.dtype, n_tokens=16,
+                   pattern="router", activation_scale=CLIP_SCALE, seed=seed)
+
+
+def clear_tokens(x, weights, config, tf32: bool | None = None) -> np.ndarray:
+    """The tokens a comparison keeps: near-tied router choices are discarded
+    (never tolerated), so they never reach a comparison."""
+    return (tolerance.router_gap(x, weights, config)
+            > tolerance.router_margin(x, weights, config, tf32))
+
+
+def _enough(keep, x, weights, config) -> bool:
+    """Two kept tokens at least, the first two with other expert sets."""
+    if keep.sum() < 2:
+        return False
+    indices, _ = ref.route(x[keep], weights, config)
+    return _distinct_pair(indices)
+
+
+def clear_case(setting: Setting, **config):
+    """(case, block, weights, kept tokens): the first seed whose clear tokens
+    give every canned answer (a float32 router under TF32 has wide margins)."""
+    from dsv4shard.testing.properties import unfused
+    from dsv4shard.weights import build_block
+
+    for seed in range(50):
+        case = moe_case(setting, seed, **config)
+        block, weights = unfused.built(case, build_block)
+        if setting.tf32:
+            block.float32_matmul = "tf32"
+        _, x_ref, _, _ = unfused.inputs(case)
+        keep = clear_tokens(x_ref, weights, case.config, unfused.router_in_tf32(block,
+                                                                               case.dtype))
+        if _enough(keep, x_ref, weights, case.config):
+            return case, block, weights, keep
+    raise RuntimeError(f"no seed gives clear router choices for {setting}")
+
+
+def _unfused_moe(setting: Setting):
+    from dsv4shard.testing.properties import unfused
+
+    case, block, weights, keep = clear_case(setting)
+    _, x_ref, _, _ = unfused.inputs(case)
+    x = x_ref[keep]
+    return (unfused.expect_moe(case, block, weights, x, None),
+            Scene(x, weights, case.config, setting.dtype))
+
+
+def _unfused_extremes(setting: Setting):
+    from dsv4shard.testing.properties import unfused
+    from dsv4shard.weights import build_block, read_weights
+
+    case, _, _, _ = clear_case(setting)
+    weights, x64 = unfused.extreme_probes(case)
+    block = build_block(case.config, weights, case.quant, case.dtype)
+    if setting.tf32:
+        block.float32_matmul = "tf32"
+    weights = read_weights(block)
+    _, x_ref, _, _ = unfused.extreme_inputs(case, x64)
+    x = x_ref[clear_tokens(x_ref, weights, case.config,
+                           unfused.router_in_tf32(block, case.dtype))]
+    return (unfused.expect_moe(case, block, weights, x, None),
+            Scene(x, weights, case.config, setting.dtype))
+
+
+def _unfused_switch_glu(setting: Setting):
+    from dsv4shard.testing import data
+    from dsv4shard.testing.properties import unfused
+
+    case, block, weights, _ = clear_case(setting)
+    _, x_ref, _, _ = unfused.inputs(case)
+    return (unfused.expect_switch_glu(case, block, weights),
+            Scene(x_ref, weights, case.config, setting.dtype, indices=data.make_indices(case)))
+
+
+def _unfused_sorted(setting: Setting):
+    """sorted_matches_unsorted: the unsorted chunks are MLX's; here the
+    expected side's value stands in for them (what they equal, bit for bit
+    on the CPU)."""
+    from dsv4shard.testing import data
+    from dsv4shard.testing.properties import unfused
+
+    case, block, weights, _ = clear_case(setting)
+    _, x_ref, _, _ = unfused.inputs(case)
+    right = unfused.expect_switch_glu(case, block, weights).want
+    return (unfused.expect_sorted(case, block, weights, right),
+            Scene(x_ref, weights, case.config, setting.dtype, indices=data.make_indices(case)))
+
+
+def variant_settings(dtype: str) -> Callable[[], list[Setting]]:
+    """moe_matches_reference runs dense float32; quantized_moe_matches_reference
+    the checkpoint formats in bfloat16."""
+    from dsv4shard.backend import unsupported
+    from dsv4shard.testing.strategies import CHECKPOINT_FORMATS
+
+    def settings():
+        if dtype == "float32":
+            return [Setting("float32", None)]
+        return [Setting(dtype, f) for f in CHECKPOINT_FORMATS if unsupported(f, dtype) is None]
+    return settings
+
+
+def _variant_block(tier: str):
+    """compare_block as the variant checks use it, on the project's own
+    block as a variant: the tight expected side (``tight``) and the
+    precision tier, past which a departure is a failure (``precision``)."""
+    def expect(setting: Setting):
+        from dsv4shard.testing.properties.variant import AFFINE8
+        from dsv4shard.variants import OWN, Variant
+        from dsv4shard.variants import data as vdata
+        from dsv4shard.variants.probes import expect_block
+
+        variant = Variant(OWN)
+        built_setting = variant_setting()
+        quant = setting.quant
+        for seed in range(50):
+            built = variant.build(built_setting, vdata.weights(built_setting, seed, CLIP_SCALE),
+                                  quant=quant, shared_quant=AFFINE8 if quant else None,
+                                  dtype=setting.dtype)
+            config = built_setting.config()
+            x_mx = vdata.tokens(16, seed, setting.dtype)
+            found = expect_block(built, x_mx, config, setting.dtype)
+            scene = found.scene
+            if _enough(found.keep, scene.x, scene.weights, config):  # compare_block keeps these
+                expected = found.tight if tier == "tight" else found.precision
+                return expected.take(found.keep), replace(scene, x=scene.x[found.keep])
+        raise RuntimeError(f"no seed gives clear router choices for {setting}")
+    return expect
+
+
+def variant_setting():
+    from dsv4shard.variants.adapter import Setting as VariantSetting
+
+    return VariantSetting(top_k=3)
+
+
+def _sharded_model(setting: Setting):
+    """end_to_end: a tiny deepseek_v41's logits, sharded against unsharded;
+    the unsharded logits (one small run) are the right answer."""
+    import mlx.core as mx
+
+    from dsv4shard.testing.properties import end_to_end as e2e
+    from dsv4shard.tiny_model import tiny_v41
+
+    case = e2e.ModelCase(seed=0, layers=2, n_tokens=4)
+    want = np.array(tiny_v41(case.seed, case.layers)(mx.array([e2e.tokens(case)],
+                                                                dtype=mx.int32)))
+    return e2e.expect_logits(case, want), None
+
+
+def comparisons() -> list[Comparison]:
+    """Every value comparison within a bound of the project's properties
+    and of ``dsv4shard check``'s variant checks, with its settings."""
+    return [
+        Comparison("unfused.moe_matches_reference", project_settings, _unfused_moe),
+        Comparison("unfused.moe_matches_reference_at_extremes", project_settings,
+                   _unfused_extremes),
+        Comparison("unfused.switch_glu_matches_reference", project_settings,
+                   _unfused_switch_glu),
+        Comparison("unfused.sorted_matches_unsorted", project_settings, _unfused_sorted),
+        Comparison("variant.moe_matches_reference", variant_settings("float32"),
+                   _variant_block("tight")),
+        Comparison("variant.quantized_moe_matches_reference", variant_settings("bfloat16"),
+                   _variant_block("tight")),
+        Comparison("variant.quantized_moe_matches_reference (precision tier)",
+                   variant_settings("bfloat16"), _variant_block("precision")),
+        # Logits: what a wrong MoE does to them takes a model run, so only
+        # the scalings of the right answer apply.
+        Comparison("end_to_end.sharded_model_matches_unsharded",
+                   lambda: [Setting("float32", None)], _sharded_model, WRONG_ANSWERS[:4]),
+    ]
+
+
+def run_all(widen: float = 1.0) -> list[Trial]:
+    """Every wrong answer against every comparison in every setting
+    (``widen``: the bounds multiplied, to show the meta-test has power)."""
+    found = []
+    for comparison in comparisons():
+        for setting in comparison.settings():
+            expected, scene = comparison.expect(setting)
+            found += trials(comparison.name, str(setting), expected.widened(widen), scene,
+                            comparison.wrong)
+    return found
+

@@ -1,0 +1,26 @@
+"""Implementations that break their contract, or never return."""
+
+from __future__ import annotations
+
+import time
+
+from dsv4shard.fuse import install_fused
+from dsv4shard.shard import shard
+
+
+def installer_returning_an_int(switch_glu):
+    install_fused(switch_glu)
+    return 3
+
+
+def sharder_returning_none(block, group):
+    shard(block, group)
+
+
+def sharder_sleeping_forever(block, group):
+    while True:
+        time.sleep(3600)
+
+
+def installer_declining_everything(switch_glu):
+    raise NotImplementedError("this installer fuses nothing yet")
