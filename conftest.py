@@ -29,3 +29,6 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "hardware: needs a real multi-host pair or multi-GPU host (a hostfile)"
     )
+    config.addinivalue_line(
+        "markers", "slow: starts and times out processes on purpose; run with -m slow (CI does)"
+    )

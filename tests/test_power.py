@@ -74,7 +74,10 @@ def test_every_comparison_reports_its_power():
     comparison = COMPARISONS[0]
     expected, _ = comparison.expect(power.Setting("float32", None))
     note = expected.note()
-    assert note.startswith("bound/signal ") and "rejects y * (1 + " in note
+    # Under TF32 (MLX's CUDA float32) this comparison misses its target and
+    # says so: "weak: bound/signal ...".
+    assert note.removeprefix("weak: ").startswith("bound/signal ") and "rejects y * (1 + " in note
+    assert note.startswith("weak: ") == expected.weak
     weak = tolerance.Expected(expected.want, np.abs(expected.want), expected.arith)
     assert weak.note().startswith("weak: bound/signal 1")
 

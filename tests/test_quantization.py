@@ -105,6 +105,10 @@ def test_e4m3_codec_matches_mlx():
     got = q.float_to_e4m3(probes)
     want = np.array(mx.to_fp8(mx.array(probes)))
     same = props.same_e4m3_codes(got, want)  # any NaN code is a NaN (CUDA flips its sign)
+    if mx.default_device() != mx.cpu:
+        # MLX's CUDA to_fp8 encodes a NaN input with a code of its own (seen
+        # on an H200): NaN's encoding is the backend's; every number's is not.
+        same |= np.isnan(probes)
     assert same.all(), probes[~same]
 
 

@@ -11,9 +11,10 @@ from dsv4shard.ranks.pool import RankFailure, RankPool
 pytestmark = pytest.mark.distributed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["exit", "hang"])
 def test_a_dead_or_hung_rank_fails_within_bounded_time(how):
-    pool = RankPool(hf.local(2), timeout=8).start()
+    pool = RankPool(hf.local(2), timeout=4).start()
     start = time.monotonic()
     with pytest.raises(RankFailure) as failure:
         pool.run({"task": "die", "rank": 1, "how": how})
@@ -60,6 +61,7 @@ def test_one_rank_is_refused():
         hf.local(1)
 
 
+@pytest.mark.slow
 def test_the_pools_leave_the_temp_folder_as_they_found_it(tmp_path):
     """Hostfiles and stderr files of the ranks are removed at close, also
     when a rank died: a whole session's pools run with TMPDIR pointing at an

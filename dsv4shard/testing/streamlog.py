@@ -14,6 +14,8 @@ _PATH = os.environ.get("DSV4SHARD_STREAM_LOG")
 def pytest_runtest_logreport(report):
     if not _PATH or (report.when != "call" and not report.failed and not report.skipped):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes what workers report
+        return
     with open(_PATH, "a") as f:
         f.write(f"{report.outcome.upper()} {report.nodeid} ({report.when}, "
                 f"{report.duration:.1f} s)\n")
