@@ -196,6 +196,10 @@ def shard(block: MoEBlock, group, weights=None) -> MoEBlock:
     align with the quantization groups.  Every precondition is checked
     before any weight is touched."""
     size, rank = group.size(), group.rank()
+    if getattr(block, "sharding_group", None) is not None:
+        raise ShardingError(f"this block is already sharded (rank {block.sharding_group.rank()} "
+                            f"of {block.sharding_group.size()}): shard a fresh block; sharding "
+                            f"again would slice the slices")
     check_shardable(block, size, weights)
     shard_experts(block.switch_mlp, rank, size, weights)
     shard_experts(block.shared_experts, rank, size, weights)

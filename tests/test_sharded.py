@@ -107,3 +107,16 @@ def test_uneven_split_takes_group_aligned_slices_and_refuses_others():
     with pytest.raises(ShardingError, match="weights must be 2 positive integers"):
         shard(block, VirtualGroup(0, 2), weights=(3, 5, 1))
     assert mx.array_equal(block.switch_mlp.gate_proj.weight, before)
+
+
+def test_sharding_a_sharded_block_again_is_refused():
+    from dsv4shard.shard import ShardingError, VirtualGroup, shard
+    from dsv4shard.testing import data
+    from dsv4shard.weights import build_block
+    from reference import MoEConfig
+
+    case = s.MoECase(MoEConfig(64, 64, 4, 2), None, "float32", 4, "router", 1.0, 0)
+    block = build_block(case.config, data.make_weights(case), None, "float32")
+    shard(block, VirtualGroup(0, 2))
+    with pytest.raises(ShardingError, match="already sharded"):
+        shard(block, VirtualGroup(0, 2))

@@ -283,7 +283,17 @@ def main(args) -> int:
         mutants = [m for m in mutants if m.name in args.only]
     jobs = args.jobs or os.cpu_count() or 1
     start = time.perf_counter()
-    cells = run_matrix(mutants, args.examples, jobs)
+    total = sum(len(kin(m)) for m in mutants)
+    done = []
+
+    def progress(cell):  # one line a cell on stderr: the run is long
+        import sys
+
+        done.append(cell)
+        print(f"  [{len(done)}/{total}] {cell.mutant} x {cell.prop}: {cell.result} "
+              f"({cell.seconds:.1f} s)", file=sys.stderr, flush=True)
+
+    cells = run_matrix(mutants, args.examples, jobs, progress)
     wall = time.perf_counter() - start
     print(markdown(mutants, cells, wall, args.examples))
     if args.json:

@@ -103,6 +103,11 @@ def markdown(report) -> str:
         kind = "required" if v.required else "informational"
         lines.append(f"| {v.prop} | {kind} | {status_word(v)} | {v.examples} | {v.seconds} | "
                      f"{_cell(v.detail)} |")
+    from dsv4shard.engine.records import variant_properties
+
+    summaries = {r.name: r.summary for r in variant_properties()}
+    lines += ["", "legend:"] + [f"- `{v.prop}`: {summaries.get(v.prop, '')}"
+                                for v in report.verdicts]
     failing = [v for v in report.verdicts if v.reproduce and v.status in (o.FAIL, o.DEPARTS)]
     if failing:
         lines += ["", "reproduce:"] + [f"- {v.prop}: `{v.reproduce}`" for v in failing]
