@@ -290,8 +290,9 @@ def main(args) -> int:
         import sys
 
         done.append(cell)
+        left = (total - len(done)) * sum(c.seconds for c in done) / len(done) / max(1, jobs)
         print(f"  [{len(done)}/{total}] {cell.mutant} x {cell.prop}: {cell.result} "
-              f"({cell.seconds:.1f} s)", file=sys.stderr, flush=True)
+              f"({cell.seconds:.1f} s), about {left:.0f} s left", file=sys.stderr, flush=True)
 
     cells = run_matrix(mutants, args.examples, jobs, progress)
     wall = time.perf_counter() - start

@@ -212,7 +212,8 @@ def check_isolated(spec: str, names=None, examples: int = VARIANT_EXAMPLES,
                 v = Verdict(**event["verdict"])
                 done[v.prop], current = v, None
                 props.update(event["properties"])
-                tell(f"  [{len(done)}/{len(wanted)}] {v.prop}: {v.status} ({v.seconds} s)")
+                tell(f"  [{len(done)}/{len(wanted)}] {v.prop}: {v.status} ({v.seconds} s)"
+                     f"{eta(done.values(), len(wanted))}")
         if died and not head:
             return Report(describe(spec), [], {}, {}, f"not checked: {died}")
         if died:
@@ -224,6 +225,15 @@ def check_isolated(spec: str, names=None, examples: int = VARIANT_EXAMPLES,
     verdicts = [done[n] for n in wanted if n in done]
     return Report(head.get("variant", describe(spec)), verdicts, head.get("identity", {}),
                   props, head.get("error"))
+
+
+def eta(verdicts, total: int) -> str:
+    """", about N s left" from the mean time of the verdicts so far."""
+    times = [v.seconds for v in verdicts]
+    left = total - len(times)
+    if not times or left <= 0:
+        return ""
+    return f", about {left * sum(times) / len(times):.0f} s left"
 
 
 def _child(spec, names, examples, property_timeout):
