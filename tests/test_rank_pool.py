@@ -61,7 +61,6 @@ def test_one_rank_is_refused():
         hf.local(1)
 
 
-@pytest.mark.slow
 def test_the_pools_leave_the_temp_folder_as_they_found_it(tmp_path):
     """Hostfiles and stderr files of the ranks are removed at close, also
     when a rank died: a whole session's pools run with TMPDIR pointing at an

@@ -198,7 +198,6 @@ def test_cases_split_over_every_rank_count_the_configurations_allow():
     assert [n for n in range(2, 9) if splits_over(n)] == [2, 3, 4, 6, 8]
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_three_real_ranks_run_and_a_rank_killed_mid_run_fails_fast(request):
     """Three real ranks run shard cases drawn for 3 (``pytest --ranks 3``
