@@ -170,16 +170,10 @@ def mutants(args) -> int:
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+    from dsv4shard.versions import running
 
-    def of(name):
-        try:
-            return dist_version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    return f"dsv4shard {of('dsv4shard')} (mlx {of('mlx')}, mlx-lm {of('mlx-lm')})"
+    v = running()
+    return f"dsv4shard {v['dsv4shard']} (mlx {v['mlx']}, mlx-lm {v['mlx_lm']})"
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ kill matrix), and a variant against every ``variant`` record.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -223,14 +224,10 @@ def _variant() -> list[Property]:
     ]
 
 
-_TABLE: list[Property] = []
-
-
-def table() -> list[Property]:
+@functools.cache
+def table() -> tuple[Property, ...]:
     """Every property, the project's first, then the variants'."""
-    if not _TABLE:
-        _TABLE.extend(_project() + _variant())
-    return _TABLE
+    return tuple(_project() + _variant())
 
 
 def variant_properties() -> list[Property]:

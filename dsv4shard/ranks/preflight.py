@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import subprocess
 from pathlib import Path
 
@@ -20,15 +19,6 @@ FIELDS = ("python", "mlx", "mlx_lm", "dsv4shard", "commit", "source")
 
 class PreflightError(RuntimeError):
     """A rank's host differs from this one; the message names it."""
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def source_digest() -> str:
@@ -64,9 +54,9 @@ def file_sha256(path: str) -> str:
 def versions(files=()) -> dict:
     """What this process runs: versions, the checkout's commit and source
     digest, and the sha256 of each file named (a variant's model file)."""
-    return {"python": platform.python_version(), "mlx": _version("mlx"),
-            "mlx_lm": _version("mlx-lm"), "dsv4shard": _version("dsv4shard"),
-            "commit": commit(), "source": source_digest(),
+    from dsv4shard.versions import running
+
+    return {**running(), "commit": commit(), "source": source_digest(),
             "files": {f: file_sha256(f) for f in files}}
 
 

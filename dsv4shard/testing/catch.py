@@ -7,7 +7,7 @@ through the engine's one runner (``dsv4shard.engine.run``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import Property, of_function
@@ -59,8 +59,7 @@ def assert_caught(prop, strategy, *, max_examples: int = CI_EXAMPLES, **impl) ->
 
     record = record_for(prop)
     # Every departure counts as a catch here, informational ones too.
-    record = Property(record.name, record.fn, record.cases, record.keyword, record.case,
-                      record.summary, True, None, record.ranks, record.module)
+    record = replace(record, required=True, examples=None)
     verdict = run(record, impl, examples=max_examples, shrink=False, cases=strategy)
     if verdict.status in (o.FAIL, o.BACKEND):
         return Kill(verdict.examples, verdict.seconds, verdict.detail)

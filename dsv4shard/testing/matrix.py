@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 
 from dsv4shard.engine import records
+from dsv4shard.engine.outcome import first_line
 from dsv4shard.testing.catch import CI_EXAMPLES, MutantSurvived, assert_caught, record_for
 
 CAUGHT, MISSED, SKIPPED, ERROR = "caught", "missed", "skipped", "error"
@@ -80,11 +81,6 @@ def _lookup(name: str):
 
         _CATALOGUE.update({m.name: m for m in catalogue()})
     return _CATALOGUE[name]
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def run_cell(mutant, prop, examples: int = CI_EXAMPLES) -> Cell:

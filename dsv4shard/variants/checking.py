@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -50,9 +49,8 @@ class Report:
         return {v.prop: v for v in self.verdicts}
 
     def to_dict(self) -> dict:
-        props = {k: v for k, v in self.properties.items() if k != "revision_probe"}
         return {"variant": self.variant, "ok": self.ok, "error": self.error,
-                "identity": self.identity, "properties": props,
+                "identity": self.identity, "properties": _plain(self.properties),
                 "checks": [v.to_dict() for v in self.verdicts]}
 
     @classmethod
@@ -87,15 +85,6 @@ def sha256(path: str | None) -> str | None:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def version_of(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
 # Expressions a file branches on to take a path only some devices run.
 DEVICE_GATES = (r"mx\.metal\.is_available\(\)", r"mx\.cuda\.is_available\(\)",
                 r"mx\.default_device\(\)", r"metal_kernel", r"mx\.fast\.metal_kernel",
@@ -120,12 +109,12 @@ def identity(spec) -> dict:
     import mlx.core as mx
 
     from dsv4shard import backend
+    from dsv4shard.versions import running
 
     path = source_file(spec)
-    return {"file": path, "sha256": sha256(path), "mlx": mx.__version__,
-            "mlx_lm": version_of("mlx-lm"), "dsv4shard": version_of("dsv4shard"),
-            "python": platform.python_version(), "backend": backend.name(),
-            "device": str(mx.default_device()), "device_gates": device_gates(path)}
+    return {"file": path, "sha256": sha256(path), **running(), "mlx": mx.__version__,
+            "backend": backend.name(), "device": str(mx.default_device()),
+            "device_gates": device_gates(path)}
 
 
 # --- checking ------------------------------------------------------------------------

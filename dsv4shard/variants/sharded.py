@@ -33,6 +33,19 @@ def worker_spec(variant: Variant) -> str | None:
     return variant.spec
 
 
+def local_pool(ranks: int):
+    """The shared pool of ``ranks`` local ranks; NotApplicable where this
+    machine cannot start them (not the variant's fault)."""
+    from dsv4shard.engine.outcome import NotApplicable, first_line
+    from dsv4shard.ranks import shared
+
+    try:
+        return shared.pool(ranks)
+    except Exception as error:
+        raise NotApplicable(f"cannot start {ranks} local ranks here: {first_line(error)}") \
+            from None
+
+
 def build_model(variant: Variant, setting: Setting):
     """(tiny Model, path of a score layer's MoE block in it)."""
     model = instantiate(variant.layout.model_cls, variant.args(setting), 0)
@@ -71,7 +84,6 @@ def rank_job(job: dict, group) -> dict:
 def check(variant: Variant, pool=None) -> str:
     from dsv4shard.engine.outcome import Departure
     from dsv4shard.engine.outcome import NotApplicable as Skip
-    from dsv4shard.ranks import shared
     from dsv4shard.ranks.pool import RankFailure
     from dsv4shard.variants.probes import block_revision, clear_tokens
 
@@ -92,11 +104,7 @@ def check(variant: Variant, pool=None) -> str:
     local.load(data.weights(setting, SEED))
     weights = local.read()
     if pool is None:
-        try:
-            pool = shared.pool(RANKS)
-        except Exception as error:  # this machine cannot run ranks: not the variant's fault
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise Skip(f"cannot start {RANKS} local ranks here: {first}") from None
+        pool = local_pool(RANKS)
     try:
         answers = pool.run({"task": "variant_moe", "variant": spec, "seed": SEED,
                             "tokens": TOKENS}, timeout=120)

@@ -43,7 +43,7 @@ from dsv4shard.engine.outcome import Departure, NotApplicable, one_line
 from dsv4shard.ranks import wire
 from dsv4shard.testing import tolerance
 from dsv4shard.variants.adapter import Setting, StructureError, Variant, alias, instantiate
-from dsv4shard.variants.sharded import worker_spec
+from dsv4shard.variants.sharded import local_pool, worker_spec
 from dsv4shard.weights import to_numpy
 
 PREFILL, DECODE = 4, 2  # tokens of the prefill, then single-token decode steps
@@ -636,7 +636,6 @@ def check(variant: Variant, ranks: int = 2, pool=None, overrides: dict | None = 
     NotApplicable (no shard(), an in-memory module, a Model that does not
     build or run unsharded here, no rank processes), or NotImplementedError
     when shard() declines."""
-    from dsv4shard.ranks import shared
     from dsv4shard.ranks.pool import RankFailure
 
     if not isinstance(variant, Variant):
@@ -691,11 +690,7 @@ def check(variant: Variant, ranks: int = 2, pool=None, overrides: dict | None = 
     own_pool = pool is None
     for attempt in range(2):
         if pool is None:
-            try:
-                pool = shared.pool(ranks)
-            except Exception as error:  # this machine cannot run ranks: not the variant's fault
-                first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                raise NotApplicable(f"cannot start {ranks} local ranks here: {first}") from None
+            pool = local_pool(ranks)
         try:
             answers = pool.run(job, timeout=TIMEOUT)
         except RankFailure as error:
