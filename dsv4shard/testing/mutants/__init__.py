@@ -55,6 +55,11 @@ class Mutant:
 # the bug class it stands for, in one sentence.  Listed by hand: the kill
 # matrix and tests/test_known_bad.py read these, never a docstring.
 BUGS: dict[str, tuple[str, str]] = {
+    'fused_gate_up_order_dense': ('fusion', '[gate, up] concatenated, on dense experts.'),
+    'fused_drops_linear_bias_bytes': ('fusion',
+        'Linear bias dropped on fusing: its bytes and round trip are lost.'),
+    'shard_keeps_unsharded_copy_extended': ('sharding',
+        'Unsharded copy kept beside the slice, on the extended configurations.'),
     'softmax_for_sqrtsoftplus': ('router', 
         'Softmax for sqrtsoftplus: the MLX router scores with softmax instead.'),
     'bias_in_weights': ('router', 

@@ -232,4 +232,10 @@ def entries():
              ignores_global_scale),
         twin("fuse_then_shard", f.sharded_fusion_matches, sharded, fuse_then_shard,
              key="pipeline"),
+        # The dense and extended properties each with a twin of their own.
+        twin("gate_up_order_dense", f.fused_matches_unfused_dense,
+             lambda: s.v4_fusion_cases(dense=True), gate_up_order),
+        twin("drops_linear_bias_bytes", f.fusion_keeps_bytes_and_round_trips_extended,
+             lambda: s.extended_fusion_cases(global_scale=True).filter(
+                 lambda c: c.moe.linear_bias), drops_linear_bias),
     ]

@@ -188,6 +188,9 @@ def entries():
                {"shard": shard_uneven_down_one_group_off}),
         Mutant("shard_keeps_unsharded_copy", p.shard_holds_its_share, virtual,
                {"shard": shard_keeps_unsharded_copy}),
+        Mutant("shard_keeps_unsharded_copy_extended", p.shard_holds_its_share_extended,
+               lambda: s.extended_shard_cases().filter(lambda c: c.ranks > 1),
+               {"shard": shard_keeps_unsharded_copy}),
         # Runs gather_qmm with a global scale: skips, with the reason, on a
         # backend without it (MLX's CPU build), never passing for a catch.
         Mutant("shard_global_scale_by_expert", p.sharded_matches_unsharded, global_scale,
