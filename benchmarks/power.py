@@ -7,9 +7,9 @@ emulated: the bound called with TF32's roundoff).
     python benchmarks/power.py [--cases N] [--markdown FILE]
 
 "Before" is the worst-case stage bound compounded against the float64
-reference (``tolerance.moe_bound`` / ``switch_glu_bound``); "after" is the
-expected side the properties use now (``tolerance.expect_moe`` /
-``expect_switch_glu``), and for the variant checks in bfloat16 the
+reference (``tolerance.moe_bound`` / ``switch_glu_bound``, plus N u |partials|
+for the sharded sum); "after" is the expected side the properties use now
+(``tolerance.expect_moe`` / ``expect_switch_glu`` / ``expect_sharded_moe``), and for the variant checks in bfloat16 the
 precision tier past which a departure fails.
 """
 
@@ -69,7 +69,8 @@ def project_rows(case, rows, tf32: bool):
     rows[("unfused.switch_glu_matches_reference", *key)].append(
         (ratio(old_glu, want_glu), glu.ratio(), arith.target))
     rows[("unfused.sorted_matches_unsorted", *key)].append(
-        (2 * ratio(old_glu, want_glu), ratio(2 * glu.bound, glu.want), arith.target))
+        (2 * ratio(old_glu, want_glu), unfused.expect_sorted(case, block, weights).ratio(),
+         arith.target))
     if case.dtype != "float32" and not tf32:
         cuda_rows(case, block, weights, x, ids, old_moe, rows)
 
@@ -82,6 +83,50 @@ def cuda_rows(case, block, weights, x, ids, old_moe, rows):
     moe = tol.expect_moe(x, weights, case.config, arith, tol.block_kernels(block, weights), ids)
     rows[("unfused.moe_matches_reference", f"{case.dtype} (CUDA model)", "quantized")].append(
         (ratio(old_moe, ref.moe(x, weights, case.config, ids)), moe.ratio(), arith.target))
+
+
+def shard_rows(case, rows):
+    """sharded_matches_unsharded (and real_ranks_match_unsharded): before,
+    the unsharded block's stage bound plus N u |partials|; after, each
+    rank's partial followed through the sliced kernels and the sum."""
+    from dsv4shard.testing.properties import sharded
+
+    m = case.moe
+    if backend.unsupported(m.quant, m.dtype):
+        return
+    block, weights = unfused.built(m, build_block)
+    _, x, _, ids = unfused.inputs(m)
+    if not m.config.hash_routing and not np.all(
+            tol.router_gap(x, weights, m.config) > tol.router_margin(x, weights, m.config)):
+        return
+    reduce = sharded.reduction_dtype(case)
+    partials = sum(np.abs(ref.moe(x, sharded.slice_weights(weights, a, b, r == 0), m.config, ids))
+                   for r, (a, b) in enumerate(sharded.rank_bounds(case)))
+    old = (tol.moe_bound(x, weights, m.config, m.dtype, ids)
+           + case.ranks * tol.UNIT_ROUNDOFF[reduce] * partials)
+    new = sharded.expect_sharded(case, block, weights, x, ids)
+    key = (f"sharded.sharded_matches_unsharded ({case.reduce} sum)", m.dtype,
+           "quantized" if m.quant else "dense")
+    rows[key].append((ratio(old, ref.moe(x, weights, m.config, ids)), new.ratio(),
+                      new.arith.target))
+
+
+def concat_order_rows(case, rows):
+    """fused_concat_order_behaviour: before, switch_glu_bound against the
+    reference; after, the unfused kernels followed."""
+    from dsv4shard.testing.properties import fused
+
+    m = case.moe
+    if backend.unsupported(m.quant, m.dtype):
+        return
+    block, weights = unfused.built(m, build_block)
+    _, x, _, _ = unfused.inputs(m)
+    idx = unfused.data.make_indices(m)
+    right, _ = fused.expect_concat_orders(case, block, weights, x, idx)
+    old = tol.switch_glu_bound(x, idx, weights, m.config.swiglu_limit, m.dtype)
+    want = ref.switch_glu(x, idx, weights, m.config.swiglu_limit)
+    rows[("fused.fused_concat_order_behaviour", m.dtype, "quantized" if m.quant else "dense")
+         ].append((ratio(old, want), right.ratio(), right.arith.target))
 
 
 def variant_rows(case, rows):
@@ -151,6 +196,8 @@ def main(argv=None) -> int:
             project_rows(case, rows, tf32=True)
 
     draw(s.moe_cases(), args.cases, project)
+    draw(s.shard_cases(), max(8, args.cases // 3), lambda c: shard_rows(c, rows))
+    draw(s.fusion_cases(), max(8, args.cases // 3), lambda c: concat_order_rows(c, rows))
     draw(s.variant_cases(), max(8, args.cases // 4), lambda c: variant_rows(c, rows))
     import mlx.core as mx
 

@@ -12,7 +12,8 @@ MODULES = ("end_to_end", "fused", "quantization", "reference_edges", "sharded", 
            "variant")
 # Public functions of the property modules that take a case but are helpers.
 HELPERS = {"tokens", "logits_bound", "run", "build", "inputs", "skip_unsupported", "attempt",
-           "install", "make_matrix", "reproducer", "fail", "chosen_scores", "sharded_bound",
+           "install", "make_matrix", "reproducer", "fail", "chosen_scores", "expect_sharded",
+           "reduction_dtype", "expect_concat_orders",
            "virtual_sum", "run_on_ranks", "built", "extreme_probes", "setting_of"}
 
 
@@ -77,8 +78,11 @@ def test_the_runner_gives_each_word():
     def defect(case):
         raise o.BackendDefect("gather_qmm on the GPU disagrees with mx.cpu")
 
+    def weak(case):
+        return o.Weak("weak: bound/signal 0.3 (target 0.05, bfloat16 on cuda)")
+
     got = {fn.__name__: run(_record(fn), examples=3) for fn in
-           (passes, departs, not_applicable, declines, minor, crashes, defect)}
+           (passes, departs, not_applicable, declines, minor, crashes, defect, weak)}
     assert got["passes"].status == o.PASS and got["passes"].detail == "fine"
     assert got["departs"].status == o.FAIL and got["departs"].detail == "wrong by 2x"
     assert got["departs"].reproduce.startswith("python -m dsv4shard.testing.repro")
@@ -87,4 +91,7 @@ def test_the_runner_gives_each_word():
     assert got["minor"].status == o.DEPARTS and "extra rounding" in got["minor"].detail
     assert got["crashes"].status == o.FAIL and "raised ValueError: boom" in got["crashes"].detail
     assert got["defect"].status == o.BACKEND
+    # A pass through a bound that missed its power target is never a plain PASS.
+    assert got["weak"].status == o.WEAK and "bound/signal 0.3" in got["weak"].detail
+    assert not got["weak"].fatal
     assert run(_record(departs, required=False), examples=3).status == o.DEPARTS

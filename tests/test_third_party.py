@@ -50,9 +50,9 @@ def test_a_v4_installer_that_declines_biases_and_global_scales_passes():
     impl = {"fuse_impl": v4_installer.install}
     for name in ("fused_matches_unfused", "fused_matches_unfused_dense"):
         v = verdict(name, "fuse_impl", examples=2, **impl)
-        assert v.status == o.PASS and not v.declined, (name, v.detail)
+        assert v.status in o.PASSING and not v.declined, (name, v.detail)
     v = verdict("fused_concat_order_structural_extended", "fuse_impl", **impl)
-    assert v.status in (o.PASS, o.DECLINED), v.detail
+    assert v.status in o.PASSING + (o.DECLINED,), v.detail
     assert any("linear bias" in d for d in v.declined), v.declined
     assert any("global scale" in d for d in v.declined), v.declined
 
@@ -74,11 +74,11 @@ def test_a_v4_sharder_declines_biases_and_a_bias_over_n_sharder_passes():
     over_n = {"shard_impl": v4_sharder.shard_bias_over_n}
     for name in ("sharded_matches_unsharded_extended", "shard_holds_its_share_extended"):
         v = verdict(name, "shard", examples=3, cases=small_shard_cases(True), **over_n)
-        assert v.status == o.PASS, (name, v.detail)
+        assert v.status in o.PASSING, (name, v.detail)
     # Even splits only (no weights= argument): uneven ones are declined for it.
     v = verdict("sharded_matches_unsharded", "shard", examples=3,
                 cases=small_shard_cases(False, uneven=True), **over_n)
-    assert v.status == o.PASS, v.detail
+    assert v.status in o.PASSING, v.detail
     assert any("takes no weights= argument" in d for d in v.declined), v.declined
 
 
@@ -146,7 +146,7 @@ def test_a_wrong_shape_is_a_failure_not_a_crash_of_the_harness():
     v = verdict("fused_concat_order_behaviour", "fuse_impl", cases=st.just(case),
                 fuse_impl=exo_style.install_fused_switch_glu)
     assert v.status == o.FAIL, v.detail
-    assert "has shape (12, 64), the reference's (12, 1, 64)" in v.detail, v.detail
+    assert "has shape (12, 64), the unfused one's (12, 1, 64)" in v.detail, v.detail
 
 
 def test_broken_contracts_are_named_with_the_contract():

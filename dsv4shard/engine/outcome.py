@@ -18,7 +18,8 @@ Anything else an implementation raises is a failure of the implementation.
 
 from __future__ import annotations
 
-PASS = "PASS"  # every example agreed
+PASS = "PASS"  # every example agreed, each comparison strong enough to trust
+WEAK = "WEAK"  # every example agreed, but a comparison's bound missed its power target
 FAIL = "FAIL"  # a required property departs
 DEPARTS = "DEPARTS"  # an informational property departs: reported, never fatal
 SKIP = "SKIP"  # nothing to check (reason given)
@@ -26,7 +27,8 @@ DECLINED = "DECLINED"  # the implementation raised NotImplementedError for every
 BACKEND = "BACKEND"  # an MLX kernel on this device disagrees with mx.cpu
 ERROR = "ERROR"  # the harness itself could not run the property
 
-STATUSES = (PASS, FAIL, DEPARTS, SKIP, DECLINED, BACKEND, ERROR)
+STATUSES = (PASS, WEAK, FAIL, DEPARTS, SKIP, DECLINED, BACKEND, ERROR)
+PASSING = (PASS, WEAK)  # every example agreed (WEAK: not to be relied on)
 
 
 class Departure(AssertionError):
@@ -37,6 +39,14 @@ class Minor(Departure):
     """A departure measured and found within what one bfloat16 rounding of
     the output does (e.g. a combine rounded once more than DeepSeek's): the
     verdict is DEPARTS with its size, even for a required property."""
+
+
+class Weak(str):
+    """A passing example's detail from a comparison whose bound missed its
+    power target (median bound / |expected| above ``tolerance.TARGETS``):
+    a wrong answer a few percent off could have passed it.  A verdict with
+    one such example is WEAK, never a plain PASS, and counts as no evidence
+    (a failure beyond a weak bound is still a failure)."""
 
 
 class NotApplicable(Exception):

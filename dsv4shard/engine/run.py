@@ -62,6 +62,8 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     - ``NotApplicable`` (or pytest's skip) ends it: SKIP;
     - ``NotImplementedError`` rejects that case (the implementation declines
       it); DECLINED when every case was declined;
+    - a passing example whose comparison was weak (its detail an
+      ``outcome.Weak``) makes the verdict WEAK, not PASS;
     - ``Minor`` departures are kept and reported as DEPARTS with their size
       when nothing worse happens;
     - ``BackendDefect``: BACKEND (MLX's kernel, not the implementation);
@@ -72,7 +74,8 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     impl = impl or {}
     budget = min(examples, prop.examples) if prop.examples else examples
     count = 0
-    seen: dict = {"detail": "", "minor": None, "declined": [], "error": None, "case": None}
+    seen: dict = {"detail": "", "minor": None, "declined": [], "error": None, "case": None,
+                  "weak": [], "examples": 0}
 
     phases = [Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else [])
 
@@ -105,7 +108,10 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
             if judged is error:
                 raise
             raise judged from error
-        if isinstance(detail, str) and detail:
+        seen["examples"] += 1
+        if isinstance(detail, o.Weak):
+            seen["weak"].append(detail)
+        elif isinstance(detail, str) and detail:
             seen["detail"] = detail
 
     start = time.perf_counter()
@@ -130,6 +136,10 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
             repro = reproducer(prop, seen["case"], subject_option)
     if status == o.PASS and seen["minor"]:
         status, detail = o.DEPARTS, seen["minor"]
+    elif status == o.PASS and seen["weak"]:
+        status = o.WEAK
+        detail = (f"weak in {len(seen['weak'])} of {seen['examples']} passing examples, "
+                  f"e.g. {seen['weak'][0].removeprefix('weak: ')}")
     elif status == o.PASS:
         detail = seen["detail"] or f"{count} examples"
     return Verdict(prop.name, subject, prop.required, status, o.one_line(detail), count,

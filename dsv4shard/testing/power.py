@@ -14,7 +14,8 @@ built from the right one, in the reference and without running a kernel:
 - ``shared_dropped``; ``expert_dropped`` (each token loses the expert in
   its first slot); ``route_scale_2.5`` (2.5 where the layer says 1.5, or
   1.5 where it says 2.5); ``expert_sets_swapped`` (tokens 0 and 1 computed
-  with each other's experts and weights).
+  with each other's experts and weights); for the fused concat order,
+  ``gate_up_swapped`` (the [gate, up] order: gate's weights as up).
 
 Each wrong answer is rounded to the comparison's dtype, as an MLX output in
 it would be.  :func:`comparisons` lists, per comparison of the project's
@@ -128,6 +129,10 @@ def experts_answer(scene: Scene, name: str):
         if not _distinct_pair(indices):
             return None
         return ref.switch_glu(scene.x, _swap(indices), scene.weights, c.swiglu_limit)
+    if name == "gate_up_swapped":
+        swapped = replace(scene.weights, w1=scene.weights.w3, w3=scene.weights.w1,
+                          b1=scene.weights.b3, b3=scene.weights.b1)
+        return ref.switch_glu(scene.x, indices, swapped, c.swiglu_limit)
     return None  # shared_dropped, shared_clip_removed, route_scale_2.5
 
 
@@ -361,17 +366,66 @@ def _unfused_switch_glu(setting: Setting):
 
 
 def _unfused_sorted(setting: Setting):
-    """sorted_matches_unsorted: the unsorted chunks are MLX's; here the
-    expected side's value stands in for them (what they equal, bit for bit
-    on the CPU)."""
+    """sorted_matches_unsorted: the sorted whole and the unsorted chunks
+    each against SwitchGLU's expected side."""
     from dsv4shard.testing import data
     from dsv4shard.testing.properties import unfused
 
     case, block, weights, _ = clear_case(setting)
     _, x_ref, _, _ = unfused.inputs(case)
-    right = unfused.expect_switch_glu(case, block, weights).want
-    return (unfused.expect_sorted(case, block, weights, right),
+    return (unfused.expect_sorted(case, block, weights),
             Scene(x_ref, weights, case.config, setting.dtype, indices=data.make_indices(case)))
+
+
+# Sharded comparisons: 2 ranks, each holding whole groups of every format.
+SHARDED = dict(intermediate_size=128)
+
+
+def _sharded(reduce: str):
+    """sharded_matches_unsharded and real_ranks_match_unsharded: 2 ranks,
+    the partials summed in float32 or in the activation dtype."""
+    def expect(setting: Setting):
+        from dsv4shard.testing.properties import sharded, unfused
+        from dsv4shard.testing.strategies import ShardCase
+
+        case, block, weights, keep = clear_case(setting, **SHARDED)
+        _, x_ref, _, _ = unfused.inputs(case)
+        x = x_ref[keep]
+        shard_case = ShardCase(case, 2, reduce)
+        return (sharded.expect_sharded(shard_case, block, weights, x, None),
+                Scene(x, weights, case.config, setting.dtype))
+    return expect
+
+
+def _fused_concat_order(setting: Setting):
+    """fused_concat_order_behaviour: the fused switch_mlp against the [up,
+    gate] order's expected side (its wrong answers add the [gate, up] one)."""
+    from dsv4shard.testing import data
+    from dsv4shard.testing.properties import fused, unfused
+    from dsv4shard.testing.strategies import FusionCase
+
+    case, block, weights, _ = clear_case(setting)
+    _, x_ref, _, _ = unfused.inputs(case)
+    indices = data.make_indices(case)
+    right, _ = fused.expect_concat_orders(FusionCase(case), block, weights, x_ref, indices)
+    return right, Scene(x_ref, weights, case.config, setting.dtype, indices=indices)
+
+
+def _variant_sharded(setting: Setting):
+    """sharded_moe_2_ranks: a variant's own shard() over 2 ranks, float32."""
+    from dsv4shard.testing.properties import unfused
+    from dsv4shard.variants.sharded import expect_ranks
+
+    case, _, weights, keep = clear_case(setting, **SHARDED)
+    _, x_ref, _, _ = unfused.inputs(case)
+    x = x_ref[keep]
+    arith = tolerance.arithmetic("float32", "tf32" if setting.tf32 else None)
+    return (expect_ranks(x, weights, case.config, arith),
+            Scene(x, weights, case.config, setting.dtype))
+
+
+def dense_float32() -> list[Setting]:
+    return [Setting("float32", None), Setting("float32", None, tf32=True)]
 
 
 def variant_settings(dtype: str) -> Callable[[], list[Setting]]:
@@ -445,6 +499,13 @@ def comparisons() -> list[Comparison]:
         Comparison("unfused.switch_glu_matches_reference", project_settings,
                    _unfused_switch_glu),
         Comparison("unfused.sorted_matches_unsorted", project_settings, _unfused_sorted),
+        Comparison("sharded.sharded_matches_unsharded (float32 sum)", project_settings,
+                   _sharded("float32")),
+        Comparison("sharded.sharded_matches_unsharded (activation-dtype sum)",
+                   project_settings, _sharded("activation")),
+        Comparison("fused.fused_concat_order_behaviour", project_settings,
+                   _fused_concat_order, WRONG_ANSWERS + ("gate_up_swapped",)),
+        Comparison("variant.sharded_moe_2_ranks", dense_float32, _variant_sharded),
         Comparison("variant.moe_matches_reference", variant_settings("float32"),
                    _variant_block("tight")),
         Comparison("variant.quantized_moe_matches_reference", variant_settings("bfloat16"),

@@ -821,12 +821,14 @@ def clipped(a: Approx, low: float, high: float) -> Approx:
     return Approx(np.clip(a.c, low, high), np.where(keep, a.r, 0.0), np.where(keep, a.s, 0.0))
 
 
-def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic) -> Approx:
+def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic,
+            store: bool = True) -> Approx:
     """sum_k w_k y_k + shared in float32 (DeepSeek's combine), from routed
-    outputs [T, k, D] and route weights within e_w of w; then the result in
-    the activation dtype.  In the precision tier each of the terms may be
-    rounded to the dtype once more before they are added (the routed sum
-    before the shared expert's output, say): u times the terms' magnitude."""
+    outputs [T, k, D] and route weights within e_w of w; then (``store``)
+    the result in the activation dtype.  In the precision tier each of the
+    terms may be rounded to the dtype once more before they are added (the
+    routed sum before the shared expert's output, say): u times the terms'
+    magnitude."""
     wy = w[..., None] * routed.c
     c = wy.sum(axis=1) + shared.c
     terms = np.abs(wy).sum(axis=1) + np.abs(shared.c)
@@ -838,7 +840,7 @@ def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic) -> Approx
         return Approx(c, r, s)
     if arith.precision or arith.backend != "cpu":
         r = r + PRECISION_COMBINE * UNIT_ROUNDOFF[arith.dtype] * terms
-    return rounded(Approx(c, r, s), arith.dtype)
+    return rounded(Approx(c, r, s), arith.dtype) if store else Approx(c, r, s)
 
 
 # --- whole comparisons ----------------------------------------------------------------------
@@ -882,6 +884,82 @@ def expect_moe(x, weights, config, arith: Arithmetic, kernels: Kernels | None = 
     routed = _routed(x, indices, kernels, config.swiglu_limit, arith)
     shared = expert_outputs(x, None, kernels, ref.shared_expert_limit(config), arith, "shared")
     out = combine(routed, w, e_w, shared, arith)
+    return Expected(out.c, _finite_bound(out, arith), arith)
+
+
+def rows_of(kernel: Kernel, start: int, stop: int) -> Kernel:
+    """Output rows [start, stop) of ``kernel`` (gate and up: a rank's slice
+    of the intermediate dimension), its linear bias with them."""
+    s = np.s_[..., start:stop, :]
+    return Kernel(kernel.dense[s], kernel.mode, kernel.bits, kernel.group,
+                  _pick(kernel.elements, s), _pick(kernel.scales, s), _pick(kernel.biases, s),
+                  None if kernel.bias is None else kernel.bias[..., start:stop],
+                  kernel.global_scale)
+
+
+def columns_of(kernel: Kernel, start: int, stop: int, keep_bias: bool) -> Kernel:
+    """Contraction columns [start, stop) of ``kernel`` (down: a rank's slice
+    of the intermediate dimension, whole quantization groups), its linear
+    bias kept only where ``keep_bias`` (one rank adds it)."""
+    g = kernel.group or 1
+    if start % g or stop % g:
+        raise ValueError(f"columns [{start}, {stop}) cut quantization groups of {g}")
+    cols, groups = np.s_[..., start:stop], np.s_[..., start // g:stop // g]
+    return Kernel(kernel.dense[cols], kernel.mode, kernel.bits, kernel.group,
+                  _pick(kernel.elements, cols), _pick(kernel.scales, groups),
+                  _pick(kernel.biases, groups), kernel.bias if keep_bias else None,
+                  kernel.global_scale)
+
+
+def rank_kernels(kernels: Kernels, start: int, stop: int, keep_bias: bool) -> Kernels:
+    """The kernels one tensor-parallel rank holds: gate and up rows, down
+    columns [start, stop) of the intermediate dimension, routed and shared."""
+    return Kernels(rows_of(kernels.gate, start, stop), rows_of(kernels.up, start, stop),
+                   columns_of(kernels.down, start, stop, keep_bias),
+                   rows_of(kernels.shared_gate, start, stop),
+                   rows_of(kernels.shared_up, start, stop),
+                   columns_of(kernels.shared_down, start, stop, False))
+
+
+def summed(parts: list[Approx], dtype: str) -> Approx:
+    """The ranks' partial outputs added by an all_sum in ``dtype``: N - 1
+    additions in any order, each rounded to ``dtype`` (off by at most u
+    times a partial sum, itself no larger than sum_r |part_r| plus their
+    radii)."""
+    c = sum(p.c for p in parts)
+    magnitude = sum(np.abs(p.c) + p.radius for p in parts)
+    r = sum(p.r for p in parts) + (len(parts) - 1) * UNIT_ROUNDOFF[dtype] * magnitude
+    s = np.sqrt(sum(p.s**2 for p in parts))
+    return Approx(c, r, s)
+
+
+def expect_sharded_moe(x, weights, config, arith: Arithmetic, bounds, reduce: str,
+                       kernels: Kernels | None = None, input_ids=None) -> Expected:
+    """What a tensor-parallel block returns [T, D] after its one all_sum:
+    each rank's float32 partial (its slice ``bounds[r]`` = (start, stop) of
+    the intermediate dimension, routed and shared; down's linear bias on
+    rank 0), rounded to ``reduce`` (the dtype the ranks send), summed in it,
+    then stored in the activation dtype.  A sharder that spreads down's
+    linear bias over the ranks (bias / N each) rounds it elsewhere: one
+    rounding of the rank's terms more in half precision."""
+    kernels = kernels or weight_kernels(weights)
+    indices, w = ref.route(x, weights, config, input_ids)
+    e_w = route_weight_error(x, weights, config, indices, arith.float32_matmul == "tf32")
+    parts = []
+    for r, (start, stop) in enumerate(bounds):
+        local = rank_kernels(kernels, start, stop, keep_bias=r == 0)
+        routed = _routed(x, indices, local, config.swiglu_limit, arith)
+        shared = expert_outputs(x, None, local, ref.shared_expert_limit(config), arith,
+                                "shared")
+        part = combine(routed, w, e_w, shared, arith, store=False)
+        if kernels.down.bias is not None and arith.dtype in HALF:
+            carried = (np.abs(w)[..., None] * (np.abs(routed.c)
+                                               + np.abs(kernels.down.bias[indices]))).sum(1)
+            part = Approx(part.c, part.r + UNIT_ROUNDOFF[arith.dtype] * carried, part.s)
+        parts.append(part if reduce == "float32" else rounded(part, reduce))
+    out = summed(parts, reduce)
+    if arith.dtype != "float32":
+        out = rounded(out, arith.dtype)
     return Expected(out.c, _finite_bound(out, arith), arith)
 
 
@@ -933,7 +1011,9 @@ class Expected:
         ratio = self.ratio()
         text = (f"bound/signal {ratio:.2g}, rejects y * (1 + {self.smallest_scaling():.2g})")
         if self.weak:
-            return f"weak: {text} (target {self.arith.target:g}, {self.arith.label})"
+            from dsv4shard.engine.outcome import Weak
+
+            return Weak(f"weak: {text} (target {self.arith.target:g}, {self.arith.label})")
         return text
 
 

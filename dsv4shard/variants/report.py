@@ -54,6 +54,8 @@ def status_word(v) -> str:
         return "FAIL (required)"
     if v.status == o.DEPARTS:
         return "DEPARTS (informational)" if not v.required else "DEPARTS (within one rounding)"
+    if v.status == o.WEAK:
+        return "WEAK (passed, bound too loose to rely on)"
     return v.status
 
 
@@ -64,7 +66,10 @@ def verdict(report) -> str:
     departs = [v.prop for v in report.verdicts if v.status == o.DEPARTS]
     skipped_required = [v.prop for v in report.verdicts if v.required and v.status == o.SKIP]
     backend = [v.prop for v in report.verdicts if v.status == o.BACKEND]
+    weak = [v.prop for v in report.verdicts if v.required and v.status == o.WEAK]
     notes = []
+    if weak:
+        notes.append(f"passed only weakly on this backend, no evidence here: {', '.join(weak)}")
     if departs:
         notes.append(f"{len(departs)} departure{'s' * (len(departs) != 1)} reported: "
                      f"{', '.join(departs)}")

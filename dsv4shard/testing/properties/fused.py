@@ -33,11 +33,11 @@ import pytest
 from hypothesis import assume
 from mlx.utils import tree_flatten
 
-import reference as ref
 from dsv4shard import backend
 from dsv4shard.fuse import fuse_block, install_fused
 from dsv4shard.shard import shard_block
 from dsv4shard.testing import data, tolerance
+from dsv4shard.testing.properties.unfused import arithmetic_of
 from dsv4shard.testing.report import fail
 from dsv4shard.testing.strategies import FusionCase
 from dsv4shard.weights import DTYPES, build_block, read_weights, to_numpy
@@ -267,42 +267,52 @@ def fused_concat_order_structural_extended(case: FusionCase, fuse_impl=install_f
     fused_concat_order_structural(case, fuse_impl)
 
 
+def expect_concat_orders(case: FusionCase, block, weights, x_ref, idx):
+    """(the expected fused switch_mlp output [T, k, D] of the right [up,
+    gate] order, that of the [gate, up] order): the unfused block's kernels
+    followed, with gate and up trading places for the second."""
+    arith = arithmetic_of(block, case.moe.dtype)
+    kernels = tolerance.block_kernels(block, weights)
+    limit = case.moe.config.swiglu_limit
+    swapped_weights = replace(weights, w1=weights.w3, w3=weights.w1, b1=weights.b3,
+                              b3=weights.b1)
+    right = tolerance.expect_switch_glu(x_ref, idx, weights, limit, arith, kernels)
+    swapped = tolerance.expect_switch_glu(x_ref, idx, swapped_weights, limit, arith,
+                                          replace(kernels, gate=kernels.up, up=kernels.gate))
+    return right, swapped
+
+
 def fused_concat_order_behaviour(case: FusionCase, fuse_impl=install_fused):
     """On inputs where the [gate, up] order provably gives another answer
     (the clipped SwiGLU is not symmetric in gate and up: gate is clipped from
-    above only, then silu'd; up two-sided), the fused switch_mlp output is the
-    float64 reference's [up, gate] one, within the kernel-error bound."""
+    above only, then silu'd; up two-sided), the fused switch_mlp output is
+    the [up, gate] one, following the unfused kernels within their bound."""
     prop = fused_concat_order_behaviour
     skip_unsupported(case)
     block = build(case)
     weights = read_weights(block)
     x, indices, flat, _ = inputs(case)
     x_ref, idx = to_numpy(flat), data.make_indices(case.moe)
-    limit = case.moe.config.swiglu_limit
-    swapped_weights = replace(weights, w1=weights.w3, w3=weights.w1, b1=weights.b3,
-                              b3=weights.b1)
-    right = ref.switch_glu(x_ref, idx, weights, limit)
-    swapped = ref.switch_glu(x_ref, idx, swapped_weights, limit)
-    bound = tolerance.switch_glu_bound(x_ref, idx, weights, limit, case.moe.dtype)
-    swapped_bound = tolerance.switch_glu_bound(x_ref, idx, swapped_weights, limit,
-                                               case.moe.dtype)
+    right, swapped = expect_concat_orders(case, block, weights, x_ref, idx)
     # Only inputs that tell the two orders apart prove anything.
-    assume(tolerance.worst_mismatch(swapped, right, bound + swapped_bound) is not None)
+    assume(tolerance.worst_mismatch(swapped.want, right.want, right.bound + swapped.bound)
+           is not None)
     install(prop, case, block, fuse_impl)
     got = attempt(prop, case, "the fused switch_mlp",
                   lambda: block.switch_mlp(flat, mx.array(idx, dtype=mx.int32)),
                   fuse_impl=fuse_impl)
     got = to_numpy(got)
-    if got.shape != right.shape:
+    if got.shape != right.want.shape:
         fail_fused(prop, case, f"the fused switch_mlp output has shape {got.shape}, the "
-                   f"reference's {right.shape}", fuse_impl)
-    bad = tolerance.worst_mismatch(got, right, bound)
+                   f"unfused one's {right.want.shape}", fuse_impl)
+    bad = right.check(got)
     if bad:
-        if tolerance.worst_mismatch(got, swapped, swapped_bound) is None:
+        if swapped.check(got) is None:
             fail_fused(prop, case, f"the fused output follows the [gate, up] order "
                        f"(activation gets gate as up): {bad}", fuse_impl)
-        fail_fused(prop, case, f"the fused output is not the reference's clipped SwiGLU of "
-                   f"[up, gate]: {bad}", fuse_impl)
+        fail_fused(prop, case, f"the fused output is not the clipped SwiGLU of [up, gate]: "
+                   f"{bad}; {right.note()}", fuse_impl)
+    return right.note()
 
 
 def shard_then_fuse(block, rank: int, size: int, fuse_impl):

@@ -32,14 +32,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-import reference as ref
 from dsv4shard import backend
 from dsv4shard.impl import spec_of as spec
 from dsv4shard.ranks import shared, wire
 from dsv4shard.shard import VirtualGroup, shard_block, split_bounds
 from dsv4shard.shard import shard as our_shard
 from dsv4shard.testing import tolerance
-from dsv4shard.testing.properties.unfused import assume_clear_choice, built, inputs
+from dsv4shard.testing.properties.unfused import (
+    arithmetic_of,
+    assume_clear_choice,
+    built,
+    inputs,
+)
 from dsv4shard.testing.report import fail
 from dsv4shard.testing.strategies import ShardCase
 from dsv4shard.weights import build_block, read_weights, to_numpy
@@ -68,18 +72,23 @@ def slice_weights(weights, start: int, stop: int, keep_bias: bool):
         b3=None if weights.b3 is None else weights.b3[:, s], b2=b2)
 
 
-def sharded_bound(case: ShardCase, x, weights, ids, reduce: str | None = None):
-    """The unsharded block's bound, plus the cross-rank sum: each rank's
-    partial rounded to the reduction dtype (``reduce``: the dtype the ranks
-    sent, else the case's) and N - 1 additions in it.  It scales with the
-    partials, not with |y|: partials may cancel."""
+def reduction_dtype(case: ShardCase) -> str:
+    """The dtype the ranks' partials are summed in."""
+    return case.moe.dtype if case.reduce == "activation" else "float32"
+
+
+def expect_sharded(case: ShardCase, block, weights, x_ref, ids_ref,
+                   reduce: str | None = None) -> tolerance.Expected:
+    """The expected side of the sharded comparisons: the block's output
+    after the all_sum, each rank's partial following the unsharded block's
+    kernels sliced to the rank's rows (``reduce``: the dtype the ranks
+    summed in, else the case's).  Judged against the reference's arithmetic
+    per rank, not the unsharded block's bound plus slack: partials that
+    cancel get no room they do not need."""
     m = case.moe
-    if reduce is None:
-        reduce = m.dtype if case.reduce == "activation" else "float32"
-    u = tolerance.UNIT_ROUNDOFF[reduce]
-    partials = sum(np.abs(ref.moe(x, slice_weights(weights, a, b, r == 0), m.config, ids))
-                   for r, (a, b) in enumerate(rank_bounds(case)))
-    return tolerance.moe_bound(x, weights, m.config, m.dtype, ids) + case.ranks * u * partials
+    return tolerance.expect_sharded_moe(
+        x_ref, weights, m.config, arithmetic_of(block, m.dtype), rank_bounds(case),
+        reduce or reduction_dtype(case), tolerance.block_kernels(block, weights), ids_ref)
 
 
 def skip_unsupported(case: ShardCase) -> None:
@@ -203,28 +212,37 @@ def _sharded_matches_unsharded(prop, case: ShardCase, shard):
             fail(prop, case, f"rank {r} chose experts {c[0]} for token 0, rank 0 chose "
                  f"{chosen[0][0]}", shard_impl=shard)
     outs, reduced = virtual_outputs(prop, case, blocks, x, ids, shard)
-    want = ref.moe(x_ref, weights, m.config, ids_ref)
-    bound = sharded_bound(case, x_ref, weights, ids_ref, reduced)
+    expected = expect_sharded(case, block, weights, x_ref, ids_ref, reduced)
     for r, got in outs.items():
-        if got.size != want.size:
-            fail(prop, case, f"rank {r}'s output has shape {got.shape}, the unsharded block's "
-                 f"{want.shape}", shard_impl=shard)
-        bad = tolerance.worst_mismatch(got.reshape(want.shape), want, bound)
-        if bad:
-            fail(prop, case, f"rank {r} of {case.ranks} after the sum: {bad}", shard_impl=shard)
+        judge_rank(prop, case, r, got, expected, shard, "after the sum")
+    return expected.note()
+
+
+def judge_rank(prop, case: ShardCase, r: int, got, expected: tolerance.Expected, shard,
+               when: str = "") -> None:
+    """Fail ``prop`` where rank ``r``'s output leaves the expected side."""
+    want = expected.want
+    if got.size != want.size:
+        fail(prop, case, f"rank {r}'s output has shape {got.shape}, the unsharded block's "
+             f"{want.shape}", shard_impl=shard)
+    bad = expected.check(got.reshape(want.shape))
+    if bad:
+        fail(prop, case, f"rank {r} of {case.ranks}{' ' + when if when else ''}: {bad}; "
+             f"{expected.note()}", shard_impl=shard)
 
 
 def sharded_matches_unsharded(case: ShardCase, shard=our_shard, shard_impl=None):
     """N virtual ranks, each sharded by ``shard``, give the reference's
     output after their one all_sum, within the bound; every rank's router
     (where the block has one) chooses the same experts."""
-    _sharded_matches_unsharded(sharded_matches_unsharded, case, shard_impl or shard)
+    return _sharded_matches_unsharded(sharded_matches_unsharded, case, shard_impl or shard)
 
 
 def sharded_matches_unsharded_extended(case: ShardCase, shard=our_shard, shard_impl=None):
     """sharded_matches_unsharded beyond DeepSeek-V4's configurations (linear
     biases, other formats); a sharder may decline these."""
-    _sharded_matches_unsharded(sharded_matches_unsharded_extended, case, shard_impl or shard)
+    return _sharded_matches_unsharded(sharded_matches_unsharded_extended, case,
+                                      shard_impl or shard)
 
 
 # --- what each rank holds -----------------------------------------------------------
@@ -399,16 +417,9 @@ def real_ranks_match_unsharded(case: ShardCase, shard=our_shard, pool=None, shar
         if not np.array_equal(c, chosen[0]):
             fail(prop, case, f"rank {r} chose experts {c[0]} for token 0, rank 0 chose "
                  f"{chosen[0][0]}", shard_impl=shard)
-    want = ref.moe(x_ref, weights, m.config, ids_ref)
-    bound = sharded_bound(case, x_ref, weights, ids_ref)
+    expected = expect_sharded(case, block, weights, x_ref, ids_ref)
     for r, a in enumerate(answers):
-        got = wire.decode_array(a["y"])
-        if got.size != want.size:
-            fail(prop, case, f"rank {r}'s output has shape {got.shape}, the unsharded "
-                 f"block's {want.shape}", shard_impl=shard)
-        bad = tolerance.worst_mismatch(got.reshape(want.shape), want, bound)
-        if bad:
-            fail(prop, case, f"rank {r} of {case.ranks}: {bad}", shard_impl=shard)
+        judge_rank(prop, case, r, wire.decode_array(a["y"]), expected, shard)
     scaled, fixed = expert_bytes(block)
     router, inter = nbytes(block.gate), m.config.intermediate_size
     for r, ((start, stop), a) in enumerate(zip(rank_bounds(case), answers)):
@@ -417,6 +428,7 @@ def real_ranks_match_unsharded(case: ShardCase, shard=our_shard, pool=None, shar
             fail(prop, case, f"rank {r} of {case.ranks} holds {a['nbytes']} parameter bytes, "
                  f"its share is {share}" + (f" (+ up to {fixed})" if fixed else ""),
                  shard_impl=shard)
+    return expected.note()
 
 
 def real_shard_then_fuse_is_bit_exact(case: ShardCase, shard=our_shard, fuse=None, pool=None,
