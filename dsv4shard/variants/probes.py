@@ -111,10 +111,10 @@ def probe_weights(setting: Setting, seed: int = 0) -> MoEWeights:
 def probe_tokens(limit: float) -> np.ndarray:
     """x [T, D] holding every (gate, up) pair of a grid around +-L and +-20."""
     if limit is not None and limit > 0:
-        values = [-20.0, -limit - 1.5, -limit, -0.6 * limit, -0.1, 0.3 * limit, limit,
+        values = [-20.0, -limit - 1.5, -limit, -0.6 * limit, -0.125, 0.3 * limit, limit,
                   limit + 1.5, 20.0]
     else:
-        values = [-20.0, -12.0, -3.25, -0.1, 0.75, 12.0, 20.0]
+        values = [-20.0, -12.0, -3.25, -0.125, 0.75, 12.0, 20.0]
     pairs = [(g, u) for g in values for u in values]
     rows = -(-len(pairs) // INTER)
     x = np.zeros((rows, HIDDEN))
@@ -171,8 +171,20 @@ def probe_diagnosis(got, x, w, limit, bound, want_name="DeepSeek's clip") -> str
             f"expected {bad.expected:.6g}")
 
 
+def tf32_matmuls() -> bool:
+    """Whether this backend's float32 matmuls round their operands to TF32
+    (MLX's CUDA build)."""
+    return tolerance.matmul_roundoff("float32") == tolerance.TF32
+
+
 def probe_bound(want) -> np.ndarray:
-    return 1e-5 * np.abs(want) + 1e-6
+    """The probes' bound: gate and up reach the activation exactly (one-hot
+    weights, probe values exact in TF32), the activation is float32 (1e-5
+    relative covers any order of its few operations), and down's one-hot
+    product gives it back exactly, or, where float32 matmuls round their
+    operands to TF32, rounded to 10 bits (2^-11 relative more)."""
+    relative = 1e-5 + (tolerance.TF32 if tf32_matmuls() else 0.0)
+    return relative * np.abs(want) + 1e-6
 
 
 def routed_probe(variant: Variant, limit: float):

@@ -19,7 +19,7 @@ import numpy as np
 
 import reference as ref
 from dsv4shard import backend
-from dsv4shard.engine.outcome import Departure, Minor, NotApplicable
+from dsv4shard.engine.outcome import Departure, Minor, NotApplicable, Weak
 from dsv4shard.testing import tolerance
 from dsv4shard.testing.strategies import VariantCase
 from dsv4shard.variants import data
@@ -53,6 +53,7 @@ from dsv4shard.variants.probes import (
     scores_of,
     shared_probe,
     silu,
+    tf32_matmuls,
 )
 from dsv4shard.weights import DTYPES, to_numpy
 from reference.moe_block import Revision
@@ -134,7 +135,13 @@ def routed_clip(case: VariantCase, variant: Variant) -> str:
     diagnosis = expect_clip(outs, x, w, 10.0)
     if diagnosis:
         raise Departure(f"routed experts: {diagnosis}")
-    return "gate <= L, -L <= up <= L, before silu, in every expert (L = 10, 81 probes)"
+    done = "gate <= L, -L <= up <= L, before silu, in every expert (L = 10, 81 probes)"
+    if tf32_matmuls():
+        # silu(10) = 10 (1 - 4.5e-5): a clip after silu differs from DeepSeek's
+        # by less than TF32's rounding of the activation in down's matmul.
+        return Weak(f"weak: {done}; float32 matmuls round to TF32 here, so a clip after "
+                    f"silu (off by 4.5e-5 of the output at L = 10) passes unseen")
+    return done
 
 
 def spec_revision(case: VariantCase, variant: Variant) -> str:
