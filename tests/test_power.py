@@ -35,7 +35,11 @@ def test_every_comparison_is_covered_in_every_dtype():
     assert {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
             "unfused.moe_matches_reference_at_extremes", "unfused.sorted_matches_unsorted",
             "variant.moe_matches_reference", "variant.quantized_moe_matches_reference",
-            "end_to_end.sharded_model_matches_unsharded"} <= names
+            "end_to_end.sharded_model_matches_unsharded",
+            "sharded.sharded_matches_unsharded (float32 sum)",
+            "sharded.sharded_matches_unsharded (activation-dtype sum)",
+            "fused.fused_concat_order_behaviour", "variant.sharded_moe_2_ranks",
+            "variant.sharded_model", "variant.route_weights", "variant.clip_probe"} <= names
     dtypes = {s.dtype for c in COMPARISONS for s in c.settings()}
     assert dtypes == {"float32", "float16", "bfloat16"}
     assert any(s.tf32 for s in power.project_settings())

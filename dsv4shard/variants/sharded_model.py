@@ -429,6 +429,14 @@ def bound(want: np.ndarray, r: int) -> float:
     return SLACK_ULPS * u * math.sqrt(r) * scale + tolerance.underflow_floor("float32", 8)
 
 
+def expect_output(want: np.ndarray, r: int) -> tolerance.Expected:
+    """The expected side of one compared output (logits, or a recorded
+    sublayer output): the unsharded Model's, within :func:`bound`."""
+    want = np.asarray(want, np.float64)
+    return tolerance.Expected(want, np.full(want.shape, bound(want, r)),
+                              tolerance.arithmetic("float32"))
+
+
 # --- the rank side --------------------------------------------------------------------
 
 
@@ -615,7 +623,7 @@ def first_departure(got: dict, want: dict, r: int, model, moe_cls) -> str | None
         g = wire.decode_array(got[key])
         if g.shape != w.shape:
             return f"{where} returns shape {g.shape}, unsharded {w.shape}"
-        bad = tolerance.worst_mismatch(g, w, bound(w, r))
+        bad = expect_output(w, r).check(g)
         if bad:
             return f"{where}: {bad}"
     return None
@@ -721,7 +729,7 @@ def check(variant: Variant, ranks: int = 2, pool=None, overrides: dict | None = 
             if g.shape != w.shape:
                 raise Departure(f"rank {rank} of {ranks}: logits of shape {g.shape} at "
                                 f"{step_name(step)}, unsharded {w.shape}")
-            bad = tolerance.worst_mismatch(g, w, bound(w, r))
+            bad = expect_output(w, r).check(g)
             if bad:
                 where = first_departure(a["records"], records, r, model, moe_cls)
                 first = (f"the sharded Model first departs in {where}; " if where else
