@@ -1,13 +1,15 @@
 """How many real ranks this machine can hold, checked before any starts.
 
 Every rank is a Python process with MLX, mlx-lm and the suite imported, and
-the blocks and models of its jobs built.  ``RANK_BYTES`` is what one such
+the blocks and models of its jobs built.  ``rank_bytes()`` is what one such
 process may need: measured with mlx 0.32.4 on Linux (CPU), a rank's peak
 resident memory is 125-230 MB after typical MoE and tiny-model jobs of the
 suite and 370-420 MB after the largest block it draws (32 experts, I = 256,
 D = 128, 70 tokens); 64 ranks of one session filled 22.6 GB (about 350 MB
-each).  ``tests/test_third_party.py`` measures a rank after that largest
-job and insists the figure covers it.
+each).  On a GPU a rank also holds the device's runtime in host memory:
+2068-2155 MB measured on an H200 with MLX's CUDA build after that largest
+job.  ``tests/test_third_party.py`` measures a rank after that largest job
+and insists the figure covers it.
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ import os
 import sys
 
 # A rank's resident memory after a job: 545-640 MB measured on Linux (MLX,
-# mlx-lm and its tokenizer libraries imported, a block built), with room.
-RANK_BYTES = 768 * 2**20
+# mlx-lm and its tokenizer libraries imported, a block built), with room;
+# on a GPU backend, the CUDA runtime's 2.1 GB on an H200, with room.
+RANK_BYTES = {"cpu": 768 * 2**20, "gpu": 2560 * 2**20}
+
+
+def rank_bytes() -> int:
+    """What one rank process may need on this backend."""
+    from dsv4shard import backend
+
+    return RANK_BYTES["cpu" if backend.name() == "cpu" else "gpu"]
 HEADROOM = 0.9  # of the memory available now, what ranks may take
 
 
@@ -61,13 +71,14 @@ def check(ranks: int, pools: int = 1, option: str = "--ranks") -> None:
     available = available_bytes()
     if available is None:
         return
-    need = ranks * pools * RANK_BYTES
+    each = rank_bytes()
+    need = ranks * pools * each
     if need <= HEADROOM * available:
         return
-    most = max(0, int(HEADROOM * available // (pools * RANK_BYTES)))
+    most = max(0, int(HEADROOM * available // (pools * each)))
     workers = f" x {pools} test workers, each starting its own ranks," if pools > 1 else ""
     raise RankMemoryError(
         f"{option} {ranks}: {ranks} rank processes{workers} need about {gb(need)} "
-        f"({RANK_BYTES // 2**20} MB each: the peak memory of a rank running the suite's "
+        f"({each // 2**20} MB each: the peak memory of a rank running the suite's "
         f"jobs), and this machine has {gb(available)} available; use {option} {most} or "
         f"fewer" + (" (or fewer test workers, -n)" if pools > 1 else ""))

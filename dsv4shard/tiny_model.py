@@ -80,13 +80,15 @@ def near_ties(seed: int, layers: int, tokens: list[int], intermediate: int | Non
     Model (TIE_ULPS units of u * sqrt(R), R the Model's summed fan-ins)."""
     import math
 
+    from dsv4shard.backend import on_model_device
     from dsv4shard.testing.tolerance import matmul_roundoff
     from dsv4shard.variants.sharded_model import TIE_ULPS, reduction_length, watch_discrete
 
-    model = tiny_v41(seed, layers, intermediate)
-    tau = TIE_ULPS * matmul_roundoff("float32") * math.sqrt(reduction_length(model))
-    with watch_discrete(tau) as ties:
-        mx.eval(model(mx.array([tokens], dtype=mx.int32)))
+    with on_model_device():  # where the whole-model comparison runs
+        model = tiny_v41(seed, layers, intermediate)
+        tau = TIE_ULPS * matmul_roundoff("float32") * math.sqrt(reduction_length(model))
+        with watch_discrete(tau) as ties:
+            mx.eval(model(mx.array([tokens], dtype=mx.int32)))
     return list(ties)
 
 

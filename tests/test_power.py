@@ -5,6 +5,8 @@ dtype and quantization mode it runs in on this backend (the meta-test of
 import numpy as np
 import pytest
 
+from dsv4shard import backend
+from dsv4shard.engine import outcome as o
 from dsv4shard.testing import power, tolerance
 
 COMPARISONS = power.comparisons()
@@ -25,9 +27,17 @@ def meta_test(expected, scene, comparison) -> list[str]:
 
 @pytest.mark.parametrize("pair", CASES, ids=[ids(p) for p in CASES])
 def test_every_wrong_answer_is_rejected(pair):
+    """On the CPU build every comparison rejects every canned wrong answer.
+    On a GPU, whose kernels a bound cannot follow bit for bit, one that lets
+    one through must at least say it is weak there (its passes are WEAK
+    verdicts, never PASS)."""
     comparison, setting = pair
     expected, scene = comparison.expect(setting)
-    assert not meta_test(expected, scene, comparison), (comparison.name, str(setting))
+    let_through = meta_test(expected, scene, comparison)
+    if let_through and backend.name() != "cpu":
+        assert isinstance(expected.note(), o.Weak), (comparison.name, str(setting), let_through)
+        return
+    assert not let_through, (comparison.name, str(setting))
 
 
 def test_every_comparison_is_covered_in_every_dtype():

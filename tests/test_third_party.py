@@ -16,7 +16,7 @@ from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import by_name
 from dsv4shard.engine.run import run
 from dsv4shard.pytest_plugin import judge_property, rank_import_problems
-from dsv4shard.rank_memory import RANK_BYTES, RankMemoryError, available_bytes, check
+from dsv4shard.rank_memory import RankMemoryError, available_bytes, check, rank_bytes
 from dsv4shard.ranks import hostfile as hf
 from dsv4shard.ranks.pool import RankPool
 from dsv4shard.testing import strategies as s
@@ -235,11 +235,11 @@ def test_ranks_beyond_this_machines_memory_are_refused_naming_the_need():
     available = available_bytes()
     if available is None:
         pytest.skip("this platform does not say how much memory is available")
-    too_many = int(available // RANK_BYTES) + 8
+    too_many = int(available // rank_bytes()) + 8
     with pytest.raises(RankMemoryError, match=rf"--ranks {too_many}: {too_many} rank "
                                               r"processes need about [\d.]+ GB"):
         check(too_many)
-    if 64 * RANK_BYTES > 0.9 * available:  # this 24 GB machine: --ranks 64 must refuse
+    if 64 * rank_bytes() > 0.9 * available:  # this 24 GB machine: --ranks 64 must refuse
         with pytest.raises(RankMemoryError, match="--ranks 64"):
             check(64)
     check(2)
@@ -257,7 +257,7 @@ def test_the_rank_memory_estimate_covers_a_measured_rank(rank_pool):
     large = s.MoECase(MoEConfig(128, inter, 32, 6), MXFP4, "float32", 70, "router", 30.0, 1)
     run_on_ranks(s.ShardCase(large, rank_pool.size, "float32"), pool=rank_pool)
     peaks = [a["peak_rss"] for a in rank_pool.run({"task": "memory"})]
-    assert max(peaks) <= RANK_BYTES, [round(p / 2**20) for p in peaks]
+    assert max(peaks) <= rank_bytes(), [round(p / 2**20) for p in peaks]
 
 
 # --- start-up checks ------------------------------------------------------------------------

@@ -178,7 +178,17 @@ class RankPool:
                 proc.stdin.flush()
             except OSError:
                 self._fail(f"rank {rank} stopped reading jobs")
-        answers = self._collect(timeout or self.timeout, f"job {job.get('task')}")
+        try:
+            answers = self._collect(timeout or self.timeout, f"job {job.get('task')}")
+        except RankFailure:
+            raise
+        except BaseException:
+            # Interrupted while the ranks work (a test's time limit, ^C): their
+            # answers would reach the next job as its own, so the pool ends here
+            # and the next user starts a fresh one.
+            self._kill()
+            self._release()
+            raise
         self.jobs += 1
         errors = [(r, a["error"]) for r, a in enumerate(answers) if "error" in a]
         if errors:

@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from dsv4shard import impl
+from dsv4shard.backend import on_model_device
 from dsv4shard.ranks import wire
 
 
@@ -196,7 +197,8 @@ def main() -> None:
         if job.get("task") == "exit":
             break
         try:
-            answer = TASKS[job["task"]](job, group)
+            with on_model_device(job.get("device", "default")):
+                answer = TASKS[job["task"]](job, group)
         except Exception:
             answer = {"error": traceback.format_exc()}
         answer.update(rank=group.rank(), size=group.size())

@@ -487,13 +487,15 @@ def _sharded_model(setting: Setting):
     the unsharded logits (one small run) are the right answer."""
     import mlx.core as mx
 
+    from dsv4shard.backend import on_model_device
     from dsv4shard.testing.properties import end_to_end as e2e
     from dsv4shard.tiny_model import tiny_v41
 
     case = e2e.ModelCase(seed=0, layers=2, n_tokens=4)
-    want = np.array(tiny_v41(case.seed, case.layers)(mx.array([e2e.tokens(case)],
-                                                                dtype=mx.int32)))
-    return e2e.expect_logits(case, want), None
+    with on_model_device():  # where the property runs it
+        want = np.array(tiny_v41(case.seed, case.layers)(mx.array([e2e.tokens(case)],
+                                                                    dtype=mx.int32)))
+        return e2e.expect_logits(case, want), None
 
 
 def _variant_route(setting: Setting):
@@ -551,13 +553,15 @@ def _variant_sharded_model(setting: Setting):
     """sharded_model: a variant's whole tiny Model sharded by its own
     shard(); its logits (here the end-to-end model's, of the same family)
     against the bound for that Model's reductions."""
+    from dsv4shard.backend import on_model_device
     from dsv4shard.variants import Variant
     from dsv4shard.variants import sharded_model as whole
 
     expected, _ = _sharded_model(setting)
     variant = Variant("mlx_lm.models.deepseek_v41")
-    model = whole.build(variant, whole.tiny_args(variant, 2), whole.SEEDS[0])
-    return whole.expect_output(expected.want, whole.reduction_length(model)), None
+    with on_model_device():  # where the check runs it
+        model = whole.build(variant, whole.tiny_args(variant, 2), whole.SEEDS[0])
+        return whole.expect_output(expected.want, whole.reduction_length(model)), None
 
 
 def comparisons() -> list[Comparison]:

@@ -1048,6 +1048,13 @@ def worst_mismatch(actual, expected, bound) -> Mismatch | None:
                     float(expected[index]), float(bound[index]), float(ratio[index]))
 
 
+def within(actual, candidate, bound) -> bool:
+    """Whether ``actual`` lies within ``bound`` of ``candidate`` everywhere:
+    how a diagnosis names the look-alike a wrong answer matches, with the
+    comparison's own bound (TF32-aware where it is), never a fixed rtol."""
+    return worst_mismatch(actual, candidate, bound) is None
+
+
 def first_difference(a, b) -> str | None:
     """For bit-exact comparisons: where two arrays first differ, or None."""
     a, b = np.asarray(a), np.asarray(b)

@@ -76,13 +76,14 @@ def route_diagnosis(got_w, want_w, bound, keep, config, token_scores, indices, w
     chosen = np.take_along_axis(token_scores, np.sort(indices, -1), -1)[keep]
     raw = chosen * rs
     renorm = chosen / chosen.sum(-1, keepdims=True) * rs
-    if np.allclose(got_w[keep], raw, rtol=1e-4, atol=0):
+    got, room = got_w[keep], 2 * bound[keep]  # the router's own error, on either side
+    if tolerance.within(got, raw, room):
         kind = "not renormalised: weights are score x route_scale"
-    elif np.allclose(got_w[keep], renorm, rtol=1e-4, atol=0):
+    elif tolerance.within(got, renorm, room):
         kind = f"renormalised to sum to route_scale = {rs:g}"
-    elif np.allclose(got_w[keep], renorm / rs, rtol=1e-4, atol=0):
+    elif tolerance.within(got, renorm / rs, room):
         kind = "renormalised but route_scale never applied (weights sum to 1)"
-    elif np.allclose(got_w[keep], chosen, rtol=1e-4, atol=0):
+    elif tolerance.within(got, chosen, room):
         kind = "raw scores: neither renormalised nor scaled"
     else:
         kind = f"weights sum to {sums.min():.6g}..{sums.max():.6g}"

@@ -39,6 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from dsv4shard.backend import model_device, on_model_device
 from dsv4shard.engine.outcome import Departure, NotApplicable, one_line
 from dsv4shard.ranks import wire
 from dsv4shard.testing import tolerance
@@ -643,7 +644,14 @@ def check(variant: Variant, ranks: int = 2, pool=None, overrides: dict | None = 
     and the MLX operation, a wrong answer the first sublayer that departs),
     NotApplicable (no shard(), an in-memory module, a Model that does not
     build or run unsharded here, no rank processes), or NotImplementedError
-    when shard() declines."""
+    when shard() declines.  Runs where ``backend.model_device`` says
+    (mx.cpu where float32 matmuls round to TF32), the ranks too."""
+    device = model_device()
+    with on_model_device(device):
+        return _check(variant, ranks, pool, overrides, device)
+
+
+def _check(variant: Variant, ranks: int, pool, overrides: dict | None, device: str) -> str:
     from dsv4shard.ranks.pool import RankFailure
 
     if not isinstance(variant, Variant):
@@ -694,7 +702,7 @@ def check(variant: Variant, ranks: int = 2, pool=None, overrides: dict | None = 
         raise ValueError(f"a pool of {pool.size} ranks given for a check over {ranks}")
     job = {"task": "variant_model", "variant": spec, "seed": seed, "ranks": ranks,
            "overrides": overrides or {}, "tokens": tokens_for(args, seed),
-           "job": secrets.token_hex(6)}
+           "job": secrets.token_hex(6), "device": device}
     own_pool = pool is None
     for attempt in range(2):
         if pool is None:

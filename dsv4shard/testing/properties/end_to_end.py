@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from dsv4shard import backend
 from dsv4shard.impl import spec_of as spec
 from dsv4shard.ranks import shared, wire
 from dsv4shard.testing import tolerance
@@ -45,22 +46,30 @@ def expect_logits(model: ModelCase, want: np.ndarray) -> tolerance.Expected:
                               tolerance.arithmetic("float32"))
 
 
-def run(case: ModelCase, shard, fuse, pool):
+def run(case: ModelCase, shard, fuse, pool, device: str = "default"):
     answers = pool.run({"task": "model", "seed": case.seed, "layers": case.layers,
                         "tokens": tokens(case), "shard": spec(shard),
-                        "fuse": spec(fuse) if fuse else None})
+                        "fuse": spec(fuse) if fuse else None, "device": device})
     return [wire.decode_array(a["logits"]) for a in answers], {a["size"] for a in answers}
 
 
 def sharded_model_matches_unsharded(case: ModelCase, shard=shard_moe_only, fuse=None,
                                     pool=None):
     """Every rank's logits equal the unsharded model's within the bound; with
-    ``fuse``, fused-after-sharding logits equal unfused ones bit for bit."""
+    ``fuse``, fused-after-sharding logits equal unfused ones bit for bit.
+    Runs where ``backend.model_device`` says (mx.cpu where float32 matmuls
+    round to TF32), the ranks too."""
+    device = backend.model_device()
+    with backend.on_model_device(device):
+        return _sharded_model_matches_unsharded(case, shard, fuse, pool, device)
+
+
+def _sharded_model_matches_unsharded(case, shard, fuse, pool, device):
     discard_near_ties(case.seed, case.layers, tokens(case))
     pool = pool or shared.pool(case.ranks)
     model = tiny_v41(case.seed, case.layers)
     want = np.array(model(mx.array([tokens(case)], dtype=mx.int32)))
-    plain, sizes = run(case, shard, None, pool)
+    plain, sizes = run(case, shard, None, pool, device)
     if sizes != {case.ranks} or case.ranks < 2:
         fail(sharded_model_matches_unsharded, case, f"group sizes {sizes}, expected {case.ranks}")
     expected = expect_logits(case, want)
@@ -70,7 +79,7 @@ def sharded_model_matches_unsharded(case: ModelCase, shard=shard_moe_only, fuse=
             fail(sharded_model_matches_unsharded, case, f"rank {r} logits: {bad}; "
                  f"{expected.note()}", shard=shard)
     if fuse is not None:
-        fused, _ = run(case, shard, fuse, pool)
+        fused, _ = run(case, shard, fuse, pool, device)
         for r, (a, b) in enumerate(zip(plain, fused)):
             diff = tolerance.first_difference(a, b)
             if diff:
