@@ -45,8 +45,10 @@ def test_shard_keeps_global_scale_whole(judge, own_sharder_only):
 
 @pytest.mark.distributed
 def test_real_ranks_match_unsharded(rank_pool, shard_impl, judge):
+    # Each example is a job on every rank (and the virtual ranks above draw
+    # the same cases at the full budget): 40% of the profile's examples.
     judge(sharded.real_ranks_match_unsharded, s.v4_shard_cases(ranks=rank_pool.size),
-          shard=shard_impl, pool=rank_pool, timeout=None)
+          share=0.4, shard=shard_impl, pool=rank_pool, timeout=None)
 
 
 def three_to_five(case) -> bool:

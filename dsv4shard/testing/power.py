@@ -28,6 +28,7 @@ discarded, never tolerated: a scene keeps the tokens a comparison keeps.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -318,7 +319,14 @@ def _enough(keep, x, weights, config) -> bool:
 
 def clear_case(setting: Setting, **config):
     """(case, block, weights, kept tokens): the first seed whose clear tokens
-    give every canned answer (a float32 router under TF32 has wide margins)."""
+    give every canned answer (a float32 router under TF32 has wide margins).
+    Built once per setting and config: the comparisons read it, none changes it."""
+    return _clear_case(setting, tuple(sorted(config.items())))
+
+
+@functools.lru_cache(maxsize=None)
+def _clear_case(setting: Setting, config: tuple):
+    config = dict(config)
     from dsv4shard.testing.properties import unfused
     from dsv4shard.weights import build_block
 
