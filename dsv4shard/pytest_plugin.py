@@ -39,7 +39,7 @@ def load_impl(spec: str, option: str = "implementation"):
 
 
 def pytest_addoption(parser):
-    from dsv4shard.testing.guard import EXAMPLE_TIMEOUT
+    from dsv4shard.testing.guard import example_timeout
 
     group = parser.getgroup("dsv4shard")
     group.addoption("--fuse-impl", default=DEFAULT_FUSE_IMPL, metavar="MODULE:FUNCTION",
@@ -60,9 +60,10 @@ def pytest_addoption(parser):
                          "(repeatable): a module name (mlx_lm.models.deepseek_v41) or a model "
                          "file that imports its siblings from mlx_lm.models; select only them "
                          "with -m variant")
-    group.addoption("--example-timeout", default=str(EXAMPLE_TIMEOUT), metavar="SECONDS",
+    group.addoption("--example-timeout", default=str(example_timeout()), metavar="SECONDS",
                     help="wall-clock limit of one example of a property run in this process, "
-                         "and of one job on the real ranks (default %(default)s)")
+                         "and of one job on the real ranks (default %(default)s: 60 on the "
+                         "CPU, 180 on a GPU, whose first example of a format compiles kernels)")
 
 
 # --- one usage error at start-up -------------------------------------------------------

@@ -49,9 +49,9 @@ def impl_verdicts(fuse_impl: str | None, shard_impl: str | None, examples: int =
     shrink a failing case to its simplest (slower, clearer)."""
     from dsv4shard import impl
     from dsv4shard.engine.run import run
-    from dsv4shard.testing.guard import EXAMPLE_TIMEOUT, limited
+    from dsv4shard.testing.guard import example_timeout, limited
 
-    timeout = EXAMPLE_TIMEOUT if timeout is None else timeout
+    timeout = example_timeout() if timeout is None else timeout
     verdicts = []
     plan = []
     if fuse_impl:

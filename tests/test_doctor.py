@@ -42,17 +42,25 @@ def test_children_run_cases_and_known_defects_are_named(tmp_path):
             doctor.DEPARTS, "cuda-quantized-matmul-affine-group-64"), small_t
     else:
         assert small_t.status == doctor.OK, small_t
-    assert by_op["to_fp8"].status == doctor.OK
+    fp8 = by_op["to_fp8"]
     if backend.name() == "cpu":
+        assert fp8.status == doctor.OK, fp8
         mm = by_op["gather_mm"]
         assert (mm.status, mm.backend, mm.known) == (doctor.RAISES, "cpu",
                                                      "cpu-gather-mm-float32-only"), mm
+    else:
+        # An H200's to_fp8 of bfloat16 departed from mx.cpu's (its probes hold
+        # out-of-range values, inf and NaN): no record explains it yet, so the
+        # doctor must list it as a row to add.
+        assert fp8.status in (doctor.OK, doctor.DEPARTS), fp8
     report = doctor.report_json(results, doctor.identity(), 1.0,
                                 {"jobs": 2, "timeout": 60.0, "quick": True})
     json.dumps(report)
-    assert report["new_rows"] == [] and report["identity"]["mlx"]
+    new = [row["op"] for row in report["new_rows"]]
+    assert new == ([] if fp8.status == doctor.OK else ["to_fp8"]) and report["identity"]["mlx"]
     text = doctor.markdown(report)
-    assert "None: every departure is a known record." in text and "## The map" in text
+    assert "## The map" in text
+    assert ("None: every departure is a known record." in text) == (not new)
 
 
 FAKE_CHILD = textwrap.dedent("""

@@ -15,8 +15,19 @@ import traceback
 from contextlib import contextmanager
 
 # Seconds one in-process example of a property may take (``--example-timeout``);
-# a normal example takes well under 2 s, even on 2 busy cores.
+# a normal example takes well under 2 s, even on 2 busy cores.  On a GPU the
+# first example of a format compiles its kernels, with a test worker per
+# core compiling at once (an H200 run with a cold kernel cache had examples
+# past 60 s that passed): three minutes there before an example counts as hung.
 EXAMPLE_TIMEOUT = 60.0
+GPU_EXAMPLE_TIMEOUT = 180.0
+
+
+def example_timeout() -> float:
+    """The default limit of one example on the running backend."""
+    from dsv4shard import backend
+
+    return EXAMPLE_TIMEOUT if backend.name() == "cpu" else GPU_EXAMPLE_TIMEOUT
 
 
 class Hung(BaseException):
