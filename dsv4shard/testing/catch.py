@@ -15,7 +15,7 @@ from dsv4shard.engine.run import run
 
 # The ``ci`` hypothesis profile's max_examples (conftest.py): a mutant must be
 # caught within the examples the default run gives a property.
-CI_EXAMPLES = 25
+CI_EXAMPLES = 20
 
 
 class MutantSurvived(AssertionError):
