@@ -45,3 +45,19 @@ def test_progress_lines_estimate_the_time_left():
     done = [Verdict("p", "x", True, o.PASS, "", seconds=2.0)] * 2
     assert eta(done, 5) == ", about 6 s left"
     assert eta(done, 2) == ""
+
+
+def test_a_weak_pass_is_never_a_plain_pass_in_the_report():
+    from dsv4shard.variants.report import markdown, status_word, verdict
+
+    weak = Verdict("quantized_moe_matches_reference", "x", True, o.WEAK,
+                   "weak in 4 of 4 passing examples, e.g. bound/signal 0.46")
+    report = Report("x", [weak, Verdict("structure", "x", True, o.PASS, "found")])
+    assert status_word(weak) == "WEAK (passed, bound too loose to rely on)"
+    assert "| WEAK (passed, bound too loose to rely on) |" in markdown(report)
+    assert "passed only weakly on this backend, no evidence here: " \
+           "quantized_moe_matches_reference" in verdict(report)
+    # A detail built from a weak comparison's note stays weak.
+    note = o.Weak("weak: bound/signal 0.46")
+    assert isinstance(o.carried(f"within the stage bound; {note}", note), o.Weak)
+    assert not isinstance(o.carried("within the stage bound; bound/signal 0.01", "x"), o.Weak)

@@ -49,6 +49,12 @@ class Weak(str):
     (a failure beyond a weak bound is still a failure)."""
 
 
+def carried(text: str, *notes: str) -> str:
+    """``text`` as a :class:`Weak` detail when any of the ``notes`` it was
+    built from is one: a detail wrapping a weak comparison's note stays weak."""
+    return Weak(text) if any(isinstance(n, Weak) for n in notes) else text
+
+
 class NotApplicable(Exception):
     """Nothing to check; the message says why."""
 

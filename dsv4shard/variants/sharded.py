@@ -82,7 +82,7 @@ def rank_job(job: dict, group) -> dict:
 
 
 def check(variant: Variant, pool=None) -> str:
-    from dsv4shard.engine.outcome import Departure
+    from dsv4shard.engine.outcome import Departure, carried
     from dsv4shard.engine.outcome import NotApplicable as Skip
     from dsv4shard.ranks.pool import RankFailure
     from dsv4shard.variants.probes import block_revision, clear_tokens
@@ -131,8 +131,8 @@ def check(variant: Variant, pool=None) -> str:
         if bad:
             raise Departure(f"rank {r} of {RANKS}: {diagnose(got, expected, partials, keep)}"
                             f"{bad}; {expected.note()}")
-    return (f"every rank of {RANKS} (ring) gives the unsharded output; same experts on every "
-            f"rank; {expected.note()}")
+    return carried(f"every rank of {RANKS} (ring) gives the unsharded output; same experts "
+                   f"on every rank; {expected.note()}", expected.note())
 
 
 def expect_ranks(x, weights, config, arith=None) -> tolerance.Expected:

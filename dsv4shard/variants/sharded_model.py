@@ -748,4 +748,5 @@ def _check(variant: Variant, ranks: int, pool, overrides: dict | None, device: s
     return (f"every rank of {ranks} ({backend}) gives the unsharded logits at the "
             f"prefill and {DECODE} decode steps, holding {max(held):.0%} of the parameter "
             f"bytes at most (seed {seed}, bound {SLACK_ULPS} u * sqrt({r}) of each step's "
-            f"scale)")
+            f"scale)" + ("; run on mx.cpu: this device's float32 matmuls round to TF32"
+                         if device == "cpu" else ""))

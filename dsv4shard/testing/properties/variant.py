@@ -19,7 +19,7 @@ import numpy as np
 
 import reference as ref
 from dsv4shard import backend
-from dsv4shard.engine.outcome import Departure, Minor, NotApplicable, Weak
+from dsv4shard.engine.outcome import Departure, Minor, NotApplicable, Weak, carried
 from dsv4shard.testing import tolerance
 from dsv4shard.testing.strategies import VariantCase
 from dsv4shard.variants import data
@@ -98,7 +98,8 @@ def moe_matches_reference(case: VariantCase, variant: Variant) -> str:
                                f"{case.activation_scale:g}", shape)
     forced = built.forced_quant
     fmt = f" ({forced.mode} experts, as the variant forces)" if forced else ""
-    return f"within the stage bound{fmt}; reference revision {revision.value}; {power_note}"
+    return carried(f"within the stage bound{fmt}; reference revision {revision.value}; "
+                   f"{power_note}", power_note)
 
 
 # Activations scaled this far drive gate and up deep past the clip (L = 10):
@@ -126,8 +127,8 @@ def quantized_moe_matches_reference(case: VariantCase, variant: Variant) -> str:
                                    f"{what.mode} {what.bits}-bit group {what.group_size} "
                                    f"routed experts, bfloat16, {case.n_tokens} tokens, "
                                    f"activation scale {scale:g}"))
-    return ("checkpoint formats (routed mxfp4 / affine 4-8, shared affine-8) in bfloat16 "
-            f"within the stage bound; {notes[-1]}")
+    return carried("checkpoint formats (routed mxfp4 / affine 4-8, shared affine-8) in "
+                   f"bfloat16 within the stage bound; {notes[-1]}", *notes)
 
 
 def routed_clip(case: VariantCase, variant: Variant) -> str:
@@ -355,7 +356,8 @@ def k_equals_experts(case: VariantCase, variant: Variant) -> str:
     check_route(variant.build(setting, weights), x_mx, weights, config, what="k = E: ")
     power_note = compare_block(variant.build(setting, weights), x_mx, config, "float32",
                                "k = E block")
-    return f"k = E = {e} chooses every expert; the block equals the reference; {power_note}"
+    return carried(f"k = E = {e} chooses every expert; the block equals the reference; "
+                   f"{power_note}", power_note)
 
 
 def hash_routing(case: VariantCase, variant: Variant) -> str:
@@ -395,8 +397,8 @@ def hash_routing(case: VariantCase, variant: Variant) -> str:
     check_route(variant.build(setting, weights), x_mx, weights, config, ids, "hash layer: ")
     power_note = compare_block(variant.build(setting, weights), x_mx, config, "float32",
                                "hash layer block")
-    return ("layer 0 routes by tid2eid[input_ids] (bias ignored); the block equals the "
-            f"reference; {power_note}")
+    return carried("layer 0 routes by tid2eid[input_ids] (bias ignored); the block equals "
+                   f"the reference; {power_note}", power_note)
 
 
 # DeepSeek-V4-Flash's router: D = 4096, E = 256, k = 6, sqrtsoftplus.
