@@ -62,8 +62,9 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     - ``NotApplicable`` (or pytest's skip) ends it: SKIP;
     - ``NotImplementedError`` rejects that case (the implementation declines
       it); DECLINED when every case was declined;
-    - a passing example whose comparison was weak (its detail an
-      ``outcome.Weak``) makes the verdict WEAK, not PASS;
+    - passing examples whose comparison was weak (their detail an
+      ``outcome.Weak``), WEAK_SHARE of them or more, make the verdict WEAK,
+      not PASS (fewer are named in the PASS detail);
     - ``Minor`` departures are kept and reported as DEPARTS with their size
       when nothing worse happens;
     - ``BackendDefect``: BACKEND (MLX's kernel, not the implementation);
@@ -136,15 +137,25 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
             repro = reproducer(prop, seen["case"], subject_option)
     if status == o.PASS and seen["minor"]:
         status, detail = o.DEPARTS, seen["minor"]
-    elif status == o.PASS and seen["weak"]:
+    elif status == o.PASS and len(seen["weak"]) >= WEAK_SHARE * seen["examples"]:
         status = o.WEAK
         detail = (f"weak in {len(seen['weak'])} of {seen['examples']} passing examples, "
                   f"e.g. {seen['weak'][0].removeprefix('weak: ')}")
     elif status == o.PASS:
         detail = seen["detail"] or f"{count} examples"
+        if seen["weak"]:
+            detail += (f"; weak in {len(seen['weak'])} of {seen['examples']} examples, e.g. "
+                       f"{seen['weak'][0].removeprefix('weak: ')}")
     return Verdict(prop.name, subject, prop.required, status, o.one_line(detail), count,
                    round(time.perf_counter() - start, 2), repro, list(seen["declined"]),
                    case_text)
+
+
+# The share of passing examples whose comparison missed its power target
+# that makes a verdict WEAK: a setting the strategy draws often (a dtype on
+# this backend, say) is weak; a rare draw at the edge of its target is only
+# named in the detail.
+WEAK_SHARE = 0.2
 
 
 class _Stop(Exception):
