@@ -6,8 +6,9 @@ Two kinds live here.
   implementation returns, and how far from it it may lie), built by
   following the implementation's arithmetic stage by stage (router,
   gate/up, activation, down, combine) on the weights its kernels hold:
-  ``expect_switch_glu``, ``expect_moe``.  Where MLX rounds a stage to the
-  activation dtype, so does the expected side; where the running backend's
+  ``expect_switch_glu``, ``expect_moe``, ``expect_sharded_moe`` (rank by
+  rank through each rank's slice of the kernels, then the sum).  Where MLX
+  rounds a stage to the activation dtype, so does the expected side; where the running backend's
   kernel is followed bit for bit (the CPU's quantized kernels in float16 /
   bfloat16, which accumulate in that dtype), the bound is a few ulps of the
   rare element within rounding distance of a tie and 0 elsewhere.  Every
@@ -16,7 +17,8 @@ Two kinds live here.
 - The worst-case stage bound against the float64 reference (``moe_bound``,
   ``switch_glu_bound``): c * u * sqrt(K) * (|a| @ |b|) per matmul,
   compounded.  Sound, and vacuous in half precision (4-20x |output| in
-  bfloat16); kept for the comparisons that still use it.
+  bfloat16); no property compares with it any more: kept as the "before"
+  figure of ``benchmarks/power.py`` and of the meta-test that shows it fails.
 """
 
 from __future__ import annotations
