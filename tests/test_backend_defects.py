@@ -108,3 +108,30 @@ AFFINE_G128 = QuantFormat("affine", 128, 4)
 def test_cuda_affine_group_128(case):
     """Through the block (not strict: the op-level probe above is)."""
     unfused.moe_matches_reference(case)
+
+
+def test_a_contraction_defect_leaves_that_size_out_and_keeps_the_format(monkeypatch):
+    """The CUDA build's affine group-64 record cuts K = 64 only: drawn cases
+    in that format keep it at 128 (shown here with the backend named CUDA)."""
+    from hypothesis import HealthCheck
+
+    monkeypatch.setattr(backend, "name", lambda: "cuda")
+    g64 = QuantFormat("affine", 64, 4)
+    assert backend.cuts_contraction(g64, 64) and not backend.cuts_contraction(g64, 128)
+    assert backend.unsupported(g64, "bfloat16") is None
+    sizes = set()
+
+    @settings(max_examples=40, database=None, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(case=s.moe_cases(formats=[g64]))
+    def draws(case):
+        sizes.update({case.config.hidden_size, case.config.intermediate_size})
+
+    draws()
+    assert sizes == {128}
+
+
+def test_whole_model_comparisons_leave_a_tf32_device_for_the_cpu(monkeypatch):
+    for name, device in (("cuda", "cpu"), ("metal", "default"), ("cpu", "default")):
+        monkeypatch.setattr(backend, "name", lambda name=name: name)
+        assert backend.model_device() == device, name

@@ -49,7 +49,8 @@ def test_every_comparison_is_covered_in_every_dtype():
             "sharded.sharded_matches_unsharded (float32 sum)",
             "sharded.sharded_matches_unsharded (activation-dtype sum)",
             "fused.fused_concat_order_behaviour", "variant.sharded_moe_2_ranks",
-            "variant.sharded_model", "variant.route_weights", "variant.clip_probe"} <= names
+            "variant.sharded_model", "variant.route_weights", "variant.clip_probe",
+            "variant.combine_precision"} <= names
     dtypes = {s.dtype for c in COMPARISONS for s in c.settings()}
     assert dtypes == {"float32", "float16", "bfloat16"}
     assert any(s.tf32 for s in power.project_settings())

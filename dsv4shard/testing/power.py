@@ -572,6 +572,30 @@ def _variant_sharded_model(setting: Setting):
         return whole.expect_output(expected.want, whole.reduction_length(model)), None
 
 
+def _variant_combine(setting: Setting):
+    """combine_precision: the block's combine of its own parts (here the
+    reference's routed outputs, route weights and shared output) within one
+    bfloat16 rounding; the wrong answers, besides the scalings: the shared
+    expert dropped, the route weights dropped, one expert dropped."""
+    from dsv4shard.testing.properties import unfused
+    from dsv4shard.testing.properties.variant import expect_combine
+
+    case, _, weights, keep = clear_case(setting)
+    _, x_ref, _, _ = unfused.inputs(case)
+    x = x_ref[keep]
+    indices, w = ref.route(x, weights, case.config)
+    ys = ref.switch_glu(x, indices, weights, case.config.swiglu_limit)
+    sh = ref.shared_expert(x, weights, case.config)
+    expected = expect_combine(w, ys, sh)
+    one_dropped = w.copy()
+    one_dropped[:, 0] = 0.0
+    own = {name: tolerance.round_to(value, "bfloat16") for name, value in {
+        "shared_dropped": expected.want - sh,
+        "route_weights_dropped": ys.sum(1) + sh,
+        "expert_dropped": (one_dropped[..., None] * ys).sum(1) + sh}.items()}
+    return expected, own
+
+
 def comparisons() -> list[Comparison]:
     """Every value comparison within a bound of the project's properties
     and of ``dsv4shard check``'s variant checks, with its settings."""
@@ -594,6 +618,8 @@ def comparisons() -> list[Comparison]:
         Comparison("variant.route_weights", dense_float32, _variant_route, WRONG_ANSWERS[:4]),
         Comparison("variant.clip_probe", lambda: [Setting("float32", None)],
                    _variant_clip_probe, WRONG_ANSWERS[:4]),
+        Comparison("variant.combine_precision", lambda: [Setting("bfloat16", None)],
+                   _variant_combine, WRONG_ANSWERS[:4]),
         Comparison("variant.moe_matches_reference", variant_settings("float32"),
                    _variant_block("tight")),
         Comparison("variant.quantized_moe_matches_reference", variant_settings("bfloat16"),

@@ -452,6 +452,18 @@ def bf16_ulps(a: np.ndarray, b: np.ndarray, at: np.ndarray | None = None) -> np.
     return np.abs(a - b) / spacing
 
 
+def expect_combine(w, ys, sh) -> tolerance.Expected:
+    """combine_precision's expected side: the block's own routed outputs
+    ``ys`` [T, k, D] weighted by its route ``w`` [T, k] plus its shared
+    output ``sh`` [T, D], added in float32 and rounded once to bfloat16
+    (2^-8 relative, doubled for the float32 products and sums on the way:
+    8 F32 of the terms' magnitude)."""
+    exact = (w[..., None] * ys).sum(1) + sh
+    scale = np.abs(w[..., None] * ys).sum(1) + np.abs(sh)
+    bound = 2.0**-7 * np.abs(exact) + 8 * F32 * scale + 1e-30
+    return tolerance.Expected(exact, bound, tolerance.arithmetic("bfloat16"))
+
+
 def combine_precision(case: VariantCase, variant: Variant) -> str:
     reason = backend.unsupported(MXFP4, "bfloat16")
     if reason:
@@ -474,12 +486,10 @@ def combine_precision(case: VariantCase, variant: Variant) -> str:
     idx, w = built.route(x_mx)
     ys = to_numpy(built.experts(x_mx, idx))
     sh = to_numpy(built.shared_out(x_mx))
-    exact = (w[..., None] * ys).sum(1) + sh
+    expected = expect_combine(w, ys, sh)
+    exact = expected.want
     scale = np.abs(w[..., None] * ys).sum(1) + np.abs(sh)
-    # One rounding to bfloat16 (2^-8 relative, doubled for the float32
-    # products and sums on the way: 8 F32 of the terms' magnitude).
-    bound = 2.0**-7 * np.abs(exact) + 8 * F32 * scale + 1e-30
-    bad = tolerance.worst_mismatch(got, exact, bound)
+    bad = expected.check(got)
     if not bad:
         cancel = float(np.median(np.abs(exact) / np.maximum(scale, 1e-30)))
         return f"one rounding of a float32 combine (shared cancels routed to ~{cancel:.1g} of it)"
