@@ -823,14 +823,13 @@ def clipped(a: Approx, low: float, high: float) -> Approx:
     return Approx(np.clip(a.c, low, high), np.where(keep, a.r, 0.0), np.where(keep, a.s, 0.0))
 
 
-def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic,
-            store: bool = True) -> Approx:
+def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic) -> Approx:
     """sum_k w_k y_k + shared in float32 (DeepSeek's combine), from routed
-    outputs [T, k, D] and route weights within e_w of w; then (``store``)
-    the result in the activation dtype.  In the precision tier each of the
-    terms may be rounded to the dtype once more before they are added (the
-    routed sum before the shared expert's output, say): u times the terms'
-    magnitude."""
+    outputs [T, k, D] and route weights within e_w of w, kept in float32
+    (``stored`` puts it in the activation dtype).  In the precision tier
+    each of the terms may be rounded to the dtype once more before they are
+    added (the routed sum before the shared expert's output, say): u times
+    the terms' magnitude."""
     wy = w[..., None] * routed.c
     c = wy.sum(axis=1) + shared.c
     terms = np.abs(wy).sum(axis=1) + np.abs(shared.c)
@@ -838,11 +837,14 @@ def combine(routed: Approx, w, e_w, shared: Approx, arith: Arithmetic,
     r = ((np.abs(w)[..., None] * routed.r + e_w[..., None] * (np.abs(routed.c) + routed.r))
          .sum(axis=1) + shared.r + C * F32 * np.sqrt(k + 1) * terms + F32 * np.abs(c))
     s = np.sqrt(((w[..., None] * routed.s) ** 2).sum(axis=1) + shared.s**2)
-    if arith.dtype == "float32":
-        return Approx(c, r, s)
-    if arith.precision or arith.backend != "cpu":
+    if arith.dtype != "float32" and (arith.precision or arith.backend != "cpu"):
         r = r + PRECISION_COMBINE * UNIT_ROUNDOFF[arith.dtype] * terms
-    return rounded(Approx(c, r, s), arith.dtype) if store else Approx(c, r, s)
+    return Approx(c, r, s)
+
+
+def stored(a: Approx, arith: Arithmetic) -> Approx:
+    """A float32 result as the block returns it: in the activation dtype."""
+    return a if arith.dtype == "float32" else rounded(a, arith.dtype)
 
 
 # --- whole comparisons ----------------------------------------------------------------------
@@ -874,6 +876,23 @@ def expect_switch_glu(x, indices, weights, limit, arith: Arithmetic,
     return Expected(y.c, _finite_bound(y, arith), arith)
 
 
+def route_of(x, weights, config, arith: Arithmetic, input_ids=None):
+    """(experts [T, k], route weights [T, k], their error): the router as
+    ``arith`` runs it (its logits' matmul in TF32 or float32)."""
+    indices, w = ref.route(x, weights, config, input_ids)
+    return indices, w, route_weight_error(x, weights, config, indices,
+                                          arith.float32_matmul == "tf32")
+
+
+def block_partial(x, route, kernels: Kernels, config, arith: Arithmetic):
+    """(routed outputs [T, k, D], the float32 combine [T, D]) of a block
+    holding ``kernels`` on tokens x routed by ``route`` (``route_of``)."""
+    indices, w, e_w = route
+    routed = _routed(x, indices, kernels, config.swiglu_limit, arith)
+    shared = expert_outputs(x, None, kernels, ref.shared_expert_limit(config), arith, "shared")
+    return routed, combine(routed, w, e_w, shared, arith)
+
+
 def expect_moe(x, weights, config, arith: Arithmetic, kernels: Kernels | None = None,
                input_ids=None) -> Expected:
     """What the whole block returns [T, D] on tokens x: routed experts
@@ -881,11 +900,9 @@ def expect_moe(x, weights, config, arith: Arithmetic, kernels: Kernels | None = 
     it a right one may be.  Near-tied router choices are the caller's to
     discard (router_gap / router_margin)."""
     kernels = kernels or weight_kernels(weights)
-    indices, w = ref.route(x, weights, config, input_ids)
-    e_w = route_weight_error(x, weights, config, indices, arith.float32_matmul == "tf32")
-    routed = _routed(x, indices, kernels, config.swiglu_limit, arith)
-    shared = expert_outputs(x, None, kernels, ref.shared_expert_limit(config), arith, "shared")
-    out = combine(routed, w, e_w, shared, arith)
+    _, out = block_partial(x, route_of(x, weights, config, arith, input_ids), kernels, config,
+                           arith)
+    out = stored(out, arith)
     return Expected(out.c, _finite_bound(out, arith), arith)
 
 
@@ -945,23 +962,18 @@ def expect_sharded_moe(x, weights, config, arith: Arithmetic, bounds, reduce: st
     linear bias over the ranks (bias / N each) rounds it elsewhere: one
     rounding of the rank's terms more in half precision."""
     kernels = kernels or weight_kernels(weights)
-    indices, w = ref.route(x, weights, config, input_ids)
-    e_w = route_weight_error(x, weights, config, indices, arith.float32_matmul == "tf32")
+    route = route_of(x, weights, config, arith, input_ids)
+    indices, w, _ = route
     parts = []
     for r, (start, stop) in enumerate(bounds):
-        local = rank_kernels(kernels, start, stop, keep_bias=r == 0)
-        routed = _routed(x, indices, local, config.swiglu_limit, arith)
-        shared = expert_outputs(x, None, local, ref.shared_expert_limit(config), arith,
-                                "shared")
-        part = combine(routed, w, e_w, shared, arith, store=False)
+        routed, part = block_partial(x, route, rank_kernels(kernels, start, stop, r == 0),
+                                     config, arith)
         if kernels.down.bias is not None and arith.dtype in HALF:
-            carried = (np.abs(w)[..., None] * (np.abs(routed.c)
-                                               + np.abs(kernels.down.bias[indices]))).sum(1)
-            part = Approx(part.c, part.r + UNIT_ROUNDOFF[arith.dtype] * carried, part.s)
+            spread = (np.abs(w)[..., None] * (np.abs(routed.c)
+                                              + np.abs(kernels.down.bias[indices]))).sum(1)
+            part = Approx(part.c, part.r + UNIT_ROUNDOFF[arith.dtype] * spread, part.s)
         parts.append(part if reduce == "float32" else rounded(part, reduce))
-    out = summed(parts, reduce)
-    if arith.dtype != "float32":
-        out = rounded(out, arith.dtype)
+    out = stored(summed(parts, reduce), arith)
     return Expected(out.c, _finite_bound(out, arith), arith)
 
 
