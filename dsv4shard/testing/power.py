@@ -512,22 +512,19 @@ def _variant_route(setting: Setting):
     float32 router's error; the wrong answers, besides the scalings: the
     weights not renormalised, and renormalised to 1 instead of route_scale."""
     from dsv4shard.testing.properties import unfused
+    from dsv4shard.variants.probes import expect_route
 
     case, _, weights, keep = clear_case(setting)
     _, x_ref, _, _ = unfused.inputs(case)
     x = x_ref[keep]
-    indices, want = ref.route(x, weights, case.config)
-    order = np.argsort(indices, axis=-1)
-    want = np.take_along_axis(want, order, -1)
-    sorted_indices = np.take_along_axis(indices, order, -1)
-    tf32 = setting.tf32 or None
-    bound = tolerance.route_weight_error(x, weights, case.config, sorted_indices, tf32) + 1e-30
-    arith = tolerance.arithmetic("float32", "tf32" if setting.tf32 else None)
+    expected = expect_route(x, weights, case.config, tf32=setting.tf32 or None)
+    indices = np.sort(ref.route(x, weights, case.config)[0], axis=-1)
     scores = ref.scores(ref.router_logits(x, weights.gate), case.config.score_func)
-    chosen = np.take_along_axis(scores, sorted_indices, -1)
+    chosen = np.take_along_axis(scores, indices, -1)
     own = {"not_renormalised": tolerance.round_to(chosen * case.config.route_scale, "float32"),
-           "renormalised_to_1": tolerance.round_to(want / case.config.route_scale, "float32")}
-    return tolerance.Expected(want, bound, arith), own
+           "renormalised_to_1": tolerance.round_to(expected.want / case.config.route_scale,
+                                                   "float32")}
+    return expected, own
 
 
 def _variant_clip_probe(setting: Setting):
@@ -537,12 +534,12 @@ def _variant_clip_probe(setting: Setting):
     clipped on both sides, the clip after silu, ...) that the probe grid
     tells apart on this backend."""
     from dsv4shard.variants import probes
+    from dsv4shard.variants.adapter import Setting as VariantSetting
 
     limit = 10.0
     x = probes.probe_tokens(limit)
-    inter = probes.INTER
-    eye, zero = np.eye(inter), np.zeros((inter, inter))
-    w1, w3, w2 = np.hstack([eye, zero]), np.hstack([zero, eye]), np.vstack([eye, zero])
+    one_hot = probes.probe_weights(VariantSetting(limit=limit))
+    w1, w3, w2 = one_hot.shared_w1, one_hot.shared_w3, one_hot.shared_w2
     want = probes.mlp_with(lambda g, u, L: ref.clipped_swiglu(g, u, L), x, w1, w3, w2, limit)
     own = {}
     for name, act in probes.LOOKALIKES:

@@ -55,9 +55,21 @@ def compare_route(built, x_mx, weights, config, ids=None, what=""):
                         f"{fmt_set(want_i[t])} ({bad.size} of {int(keep.sum())} tokens differ)")
     order = np.argsort(got_i, axis=-1)
     got_w = np.take_along_axis(got_w, order, -1)
-    want_w = np.take_along_axis(want_w, np.argsort(want_i, axis=-1), -1)
-    bound = tolerance.route_weight_error(x, weights, config, np.sort(want_i, -1)) + 1e-30
-    return got_i, got_w, want_w, bound, keep
+    expected = expect_route(x, weights, config, ids)
+    return got_i, got_w, expected.want, expected.bound, keep
+
+
+def expect_route(x, weights, config, ids=None, tf32: bool | None = None) -> tolerance.Expected:
+    """The route weights' expected side: the reference's, each token's in
+    the order of its experts, within the float32 router's error (``tf32``:
+    its logits' matmul in TF32; None: as this backend runs it)."""
+    want_i, want_w = ref.route(x, weights, config, ids)
+    order = np.argsort(want_i, axis=-1)
+    bound = tolerance.route_weight_error(x, weights, config, np.take_along_axis(
+        want_i, order, -1), tf32) + 1e-30
+    matmul = None if tf32 is None else ("tf32" if tf32 else "float32")
+    return tolerance.Expected(np.take_along_axis(want_w, order, -1), bound,
+                              tolerance.arithmetic("float32", matmul))
 
 
 def check_route(built, x_mx, weights, config, ids=None, what="") -> None:
