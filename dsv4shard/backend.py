@@ -30,6 +30,17 @@ def name() -> str:
     return "cuda"
 
 
+# Backends whose float32 matmuls round their operands to TF32 (10-bit
+# mantissas): MLX's CUDA build multiplies float32 matrices on tensor cores.
+TF32_BACKENDS = ("cuda",)
+
+
+def tf32_matmuls(where: str | None = None) -> bool:
+    """Whether float32 matmuls on ``where`` (default: the running backend)
+    round their operands to TF32."""
+    return (where or name()) in TF32_BACKENDS
+
+
 def model_device() -> str:
     """Where the whole-model comparisons (a tiny Model sharded against
     unsharded) run: on the default device, unless its float32 matmuls round
@@ -38,7 +49,14 @@ def model_device() -> str:
     top-k, a ceil, an fp8 code): there on ``mx.cpu``, in exact float32.  The
     sharding logic they check does not depend on the device; the MoE block's
     kernels are checked on the default device by the block properties."""
-    return "cpu" if name() == "cuda" else "default"
+    return "cpu" if tf32_matmuls() else "default"
+
+
+def model_device_note(device: str) -> str:
+    """What a whole-model check's detail says of where it ran ("" on the
+    default device)."""
+    return "; run on mx.cpu: this device's float32 matmuls round to TF32" \
+        if device == "cpu" else ""
 
 
 @contextmanager

@@ -101,5 +101,5 @@ def test_the_runner_gives_each_word():
         return o.Weak("weak: bound/signal 0.0011") if next(drawn) == 0 else "bound/signal 1e-4"
 
     rare = run(_record(rarely_weak), examples=10)
-    assert rare.status == o.PASS and "weak in 1 of 10 examples" in rare.detail, rare
+    assert rare.status == o.PASS and "weak in 1 of 10 passing examples" in rare.detail, rare
     assert run(_record(departs, required=False), examples=3).status == o.DEPARTS

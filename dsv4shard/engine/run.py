@@ -137,15 +137,14 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
             repro = reproducer(prop, seen["case"], subject_option)
     if status == o.PASS and seen["minor"]:
         status, detail = o.DEPARTS, seen["minor"]
-    elif status == o.PASS and len(seen["weak"]) >= WEAK_SHARE * seen["examples"]:
-        status = o.WEAK
-        detail = (f"weak in {len(seen['weak'])} of {seen['examples']} passing examples, "
-                  f"e.g. {seen['weak'][0].removeprefix('weak: ')}")
     elif status == o.PASS:
-        detail = seen["detail"] or f"{count} examples"
-        if seen["weak"]:
-            detail += (f"; weak in {len(seen['weak'])} of {seen['examples']} examples, e.g. "
-                       f"{seen['weak'][0].removeprefix('weak: ')}")
+        weak = seen["weak"]
+        named = (f"weak in {len(weak)} of {seen['examples']} passing examples, e.g. "
+                 f"{weak[0].removeprefix('weak: ')}" if weak else "")
+        if weak and len(weak) >= WEAK_SHARE * seen["examples"]:
+            status, detail = o.WEAK, named
+        else:
+            detail = "; ".join(filter(None, (seen["detail"] or f"{count} examples", named)))
     return Verdict(prop.name, subject, prop.required, status, o.one_line(detail), count,
                    round(time.perf_counter() - start, 2), repro, list(seen["declined"]),
                    case_text)

@@ -533,6 +533,7 @@ def _variant_clip_probe(setting: Setting):
     answers, besides the scalings, are the clip's look-alikes (no clip, gate
     clipped on both sides, the clip after silu, ...) that the probe grid
     tells apart on this backend."""
+    from dsv4shard import backend
     from dsv4shard.variants import probes
     from dsv4shard.variants.adapter import Setting as VariantSetting
 
@@ -548,7 +549,7 @@ def _variant_clip_probe(setting: Setting):
             continue  # the same clip at this L (a fixed L = 10, say): probed at other limits
         # A look-alike within TF32's rounding of DeepSeek's clip (a clip after
         # silu at L = 10) is what routed_clip reports WEAK for, not a rejection.
-        if not (probes.tf32_matmuls() and np.allclose(answer, want, rtol=1e-3, atol=1e-6)):
+        if not (backend.tf32_matmuls() and np.allclose(answer, want, rtol=1e-3, atol=1e-6)):
             own[name] = tolerance.round_to(answer, "float32")
     bound = probes.probe_bound(want)
     return tolerance.Expected(want, bound, tolerance.arithmetic("float32")), own

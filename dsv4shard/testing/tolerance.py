@@ -58,7 +58,7 @@ def matmul_roundoff(dtype: str) -> float:
     """Unit roundoff of a matmul in ``dtype`` on the running backend."""
     from dsv4shard import backend
 
-    if dtype == "float32" and backend.name() == "cuda":
+    if dtype == "float32" and backend.tf32_matmuls():
         return TF32
     return UNIT_ROUNDOFF[dtype]
 
@@ -420,7 +420,7 @@ def arithmetic(dtype: str, float32_matmul: str | None = None, precision: bool = 
     from dsv4shard import backend
 
     where = backend_name or backend.name()
-    matmul = float32_matmul or ("tf32" if where == "cuda" else "float32")
+    matmul = float32_matmul or ("tf32" if backend.tf32_matmuls(where) else "float32")
     return Arithmetic(dtype, where, matmul, precision)
 
 

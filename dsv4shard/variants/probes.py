@@ -14,6 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 import reference as ref
+from dsv4shard import backend
 from dsv4shard.engine.outcome import Departure, Minor, carried
 from dsv4shard.testing import power, tolerance
 from dsv4shard.variants import data
@@ -184,19 +185,13 @@ def probe_diagnosis(got, x, w, limit, bound, want_name="DeepSeek's clip") -> str
             f"expected {bad.expected:.6g}")
 
 
-def tf32_matmuls() -> bool:
-    """Whether this backend's float32 matmuls round their operands to TF32
-    (MLX's CUDA build)."""
-    return tolerance.matmul_roundoff("float32") == tolerance.TF32
-
-
 def probe_bound(want) -> np.ndarray:
     """The probes' bound: gate and up reach the activation exactly (one-hot
     weights, probe values exact in TF32), the activation is float32 (1e-5
     relative covers any order of its few operations), and down's one-hot
     product gives it back exactly, or, where float32 matmuls round their
     operands to TF32, rounded to 10 bits (2^-11 relative more)."""
-    relative = 1e-5 + (tolerance.TF32 if tf32_matmuls() else 0.0)
+    relative = 1e-5 + (tolerance.TF32 if backend.tf32_matmuls() else 0.0)
     return relative * np.abs(want) + 1e-6
 
 

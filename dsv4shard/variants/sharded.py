@@ -122,17 +122,17 @@ def check(variant: Variant, pool=None) -> str:
                             f"{chosen[0][0]})")
     config = setting.config(block_revision(variant))
     x = to_numpy(data.tokens(TOKENS, SEED))
-    partials = [ref.moe(x, ref.shard_weights(weights, r, RANKS), config) for r in range(RANKS)]
     keep = clear_tokens(x, weights, config)
     expected = expect_ranks(x, weights, config).take(keep)
+    note = expected.note()
     for r, a in enumerate(answers):
         got = wire.decode_array(a["y"]).reshape(keep.shape + (-1,))[keep]
         bad = expected.check(got)
         if bad:
-            raise Departure(f"rank {r} of {RANKS}: {diagnose(got, expected, partials, keep)}"
-                            f"{bad}; {expected.note()}")
+            named = diagnose(got, expected, x[keep], weights, config)
+            raise Departure(f"rank {r} of {RANKS}: {named}{bad}; {note}")
     return carried(f"every rank of {RANKS} (ring) gives the unsharded output; same experts "
-                   f"on every rank; {expected.note()}", expected.note())
+                   f"on every rank; {note}", note)
 
 
 def expect_ranks(x, weights, config, arith=None) -> tolerance.Expected:
@@ -146,13 +146,14 @@ def expect_ranks(x, weights, config, arith=None) -> tolerance.Expected:
         split_bounds(config.intermediate_size, RANKS, None), "float32")
 
 
-def diagnose(got, expected: tolerance.Expected, partials, keep) -> str:
-    """The look-alike a wrong output matches, within the comparison's own
-    bound (twice it: the look-alike is a float64 answer, ``got`` the kernels')."""
+def diagnose(got, expected: tolerance.Expected, x, weights, config) -> str:
+    """The look-alike a wrong output matches on tokens ``x``, within the
+    comparison's own bound (twice it: the look-alike is a float64 answer,
+    ``got`` the kernels'): the sum taken twice, or one rank's partial."""
     room = 2 * expected.bound
     if tolerance.within(got, RANKS * expected.want, RANKS * room):
         return f"the output is {RANKS}x the unsharded one (partials summed twice); "
-    for r, p in enumerate(partials):
-        if tolerance.within(got, p[keep], room):
+    for r in range(RANKS):
+        if tolerance.within(got, ref.moe(x, ref.shard_weights(weights, r, RANKS), config), room):
             return f"the output is rank {r}'s partial sum (no all_sum); "
     return ""

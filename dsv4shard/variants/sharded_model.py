@@ -39,7 +39,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from dsv4shard.backend import model_device, on_model_device
+from dsv4shard.backend import model_device, model_device_note, on_model_device
 from dsv4shard.engine.outcome import Departure, NotApplicable, one_line
 from dsv4shard.ranks import wire
 from dsv4shard.testing import tolerance
@@ -748,5 +748,4 @@ def _check(variant: Variant, ranks: int, pool, overrides: dict | None, device: s
     return (f"every rank of {ranks} ({backend}) gives the unsharded logits at the "
             f"prefill and {DECODE} decode steps, holding {max(held):.0%} of the parameter "
             f"bytes at most (seed {seed}, bound {SLACK_ULPS} u * sqrt({r}) of each step's "
-            f"scale)" + ("; run on mx.cpu: this device's float32 matmuls round to TF32"
-                         if device == "cpu" else ""))
+            f"scale){model_device_note(device)}")

@@ -86,6 +86,4 @@ def _sharded_model_matches_unsharded(case, shard, fuse, pool, device):
                 fail(sharded_model_matches_unsharded, case, f"rank {r}: fused vs unfused "
                      f"logits: {diff}", shard=shard, fuse=fuse)
     note = expected.note()
-    if device == "cpu":
-        note = type(note)(note + "; run on mx.cpu: this device's float32 matmuls round to TF32")
-    return note
+    return type(note)(note + backend.model_device_note(device))

@@ -53,7 +53,6 @@ from dsv4shard.variants.probes import (
     scores_of,
     shared_probe,
     silu,
-    tf32_matmuls,
 )
 from dsv4shard.weights import DTYPES, to_numpy
 from reference.moe_block import Revision
@@ -137,7 +136,7 @@ def routed_clip(case: VariantCase, variant: Variant) -> str:
     if diagnosis:
         raise Departure(f"routed experts: {diagnosis}")
     done = "gate <= L, -L <= up <= L, before silu, in every expert (L = 10, 81 probes)"
-    if tf32_matmuls():
+    if backend.tf32_matmuls():
         # silu(10) = 10 (1 - 4.5e-5): a clip after silu differs from DeepSeek's
         # by less than TF32's rounding of the activation in down's matmul.
         return Weak(f"weak: {done}; float32 matmuls round to TF32 here, so a clip after "
