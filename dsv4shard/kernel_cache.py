@@ -1,0 +1,161 @@
+"""One private kernel cache per process on MLX's CUDA build.
+
+MLX's CUDA backend compiles a kernel with NVRTC on first use and keeps it in
+one directory (``MLX_PTX_CACHE_DIR``, else ``<tmp>/mlx/<version>/ptx``) as
+``NAME.ptx`` (the binary) and ``NAME.txt`` (its kernel names), written in
+place.  A run of this suite has many processes compiling at once (pytest
+workers, rank processes, doctor children); one that finds ``NAME.ptx`` while
+another is still writing it loads a torn binary, and the test fails with an
+error that does not recur on replay.
+
+So each process works in a directory of its own, seeded with hard links to
+the shared cache's complete entries, and when it exits publishes what it
+compiled back by atomic renames: the names first, the binary last, so that
+a reader who finds a binary finds its names.  The shared directory is only
+ever written by renames.  Nothing changes off CUDA (the CPU build compiles
+nothing; Metal keeps no such cache).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# The shared directory, as the first process of a run found it: children
+# seed from it too, not from their parent's private directory.
+SHARED_ENV = "DSV4SHARD_KERNEL_CACHE"
+_PRIVATE_ROOT = "dsv4shard-kernels"
+_state: dict[str, str] = {}
+
+
+def shared_directory(version: str) -> str:
+    """Where MLX would keep its kernels in this environment."""
+    return (os.environ.get(SHARED_ENV) or os.environ.get("MLX_PTX_CACHE_DIR")
+            or os.path.join(tempfile.gettempdir(), "mlx", version, "ptx"))
+
+
+def _entries(directory: str) -> list[str]:
+    """Names of complete entries: a binary whose kernel names are there too."""
+    try:
+        files = set(os.listdir(directory))
+    except OSError:
+        return []
+    return sorted(f[:-4] for f in files if f.endswith(".ptx") and f[:-4] + ".txt" in files)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def seed(shared: str, private: str) -> int:
+    """Link ``shared``'s complete entries into ``private``; how many."""
+    names = _entries(shared)
+    for name in names:
+        for ext in (".txt", ".ptx"):
+            try:
+                _link_or_copy(os.path.join(shared, name + ext), os.path.join(private, name + ext))
+            except OSError:  # gone meanwhile: this process compiles it
+                break
+    return len(names)
+
+
+def _publish_file(source: str, shared: str, filename: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=shared)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, os.path.join(shared, filename))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def publish(private: str, shared: str) -> int:
+    """Move the entries compiled in ``private`` into ``shared`` (names before
+    binary, each by rename); entries ``shared`` has already are left be."""
+    done = 0
+    have = set(_entries(shared))
+    for name in _entries(private):
+        binary = os.path.join(private, name + ".ptx")
+        if name in have or os.path.getsize(binary) == 0:
+            continue
+        try:
+            _publish_file(os.path.join(private, name + ".txt"), shared, name + ".txt")
+            cu = os.path.join(private, name + ".cu")
+            if os.path.exists(cu):
+                _publish_file(cu, shared, name + ".cu")
+            _publish_file(binary, shared, name + ".ptx")
+            done += 1
+        except OSError:
+            return done
+    return done
+
+
+def _remove_stale(root: str) -> None:
+    """Private directories of processes that died without publishing."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        except OSError:
+            pass
+
+
+def make_private(shared: str) -> str:
+    """A fresh private directory seeded from ``shared``; the environment
+    points MLX (and every child process) at it from now on."""
+    os.makedirs(shared, exist_ok=True)
+    root = os.path.join(tempfile.gettempdir(), _PRIVATE_ROOT)
+    os.makedirs(root, exist_ok=True)
+    _remove_stale(root)
+    private = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
+    seed(shared, private)
+    os.environ[SHARED_ENV] = shared
+    os.environ["MLX_PTX_CACHE_DIR"] = private
+    _state.update(shared=shared, private=private)
+    return private
+
+
+def finish() -> None:
+    """Publish this process's new kernels and remove its private directory."""
+    shared, private = _state.pop("shared", None), _state.pop("private", None)
+    if not private:
+        return
+    try:
+        publish(private, shared)
+    except OSError:
+        pass
+    shutil.rmtree(private, ignore_errors=True)
+
+
+def keep_private() -> None:
+    """On MLX's CUDA build, give this process its own kernel cache (once)."""
+    if _state or os.environ.get(SHARED_ENV) == "off":
+        return
+    try:
+        import mlx.core as mx
+
+        if not mx.cuda.is_available():
+            return
+        make_private(shared_directory(mx.__version__))
+    except (AttributeError, OSError):
+        return
+    atexit.register(finish)
+    # multiprocessing's children leave by os._exit, past atexit, but run
+    # its finalizers.
+    from multiprocessing.util import Finalize
+
+    Finalize(None, finish, exitpriority=1)

@@ -1,0 +1,88 @@
+"""The private kernel cache's file handling (kernel_cache), on real files:
+what a process seeds from the shared cache, and what it publishes back."""
+
+import os
+import subprocess
+import sys
+
+from dsv4shard import kernel_cache
+
+
+def entry(directory, name, binary=b"\x7fELF kernel", names="k\t_Z1kv\n"):
+    os.makedirs(directory, exist_ok=True)
+    if binary is not None:
+        with open(os.path.join(directory, name + ".ptx"), "wb") as f:
+            f.write(binary)
+    if names is not None:
+        with open(os.path.join(directory, name + ".txt"), "w") as f:
+            f.write(names)
+
+
+def test_seed_links_complete_entries_only(tmp_path):
+    shared, private = str(tmp_path / "shared"), str(tmp_path / "private")
+    entry(shared, "whole")
+    entry(shared, "torn", names=None)  # a binary whose names were never written
+    os.makedirs(private)
+    assert kernel_cache.seed(shared, private) == 1
+    assert sorted(os.listdir(private)) == ["whole.ptx", "whole.txt"]
+    # linked, not copied: seeding a warm cache costs no bytes
+    assert os.stat(os.path.join(private, "whole.ptx")).st_ino == \
+        os.stat(os.path.join(shared, "whole.ptx")).st_ino
+
+
+def test_publish_moves_new_entries_names_before_binary(tmp_path, monkeypatch):
+    shared, private = str(tmp_path / "shared"), str(tmp_path / "private")
+    entry(shared, "old", binary=b"shared copy")
+    entry(private, "old", binary=b"private copy")
+    entry(private, "new", binary=b"fresh")
+    entry(private, "empty", binary=b"")  # a write that never happened
+    order = []
+    real = os.replace
+    monkeypatch.setattr(kernel_cache.os, "replace",
+                        lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
+    assert kernel_cache.publish(private, shared) == 1
+    assert order == ["new.txt", "new.ptx"]
+    with open(os.path.join(shared, "new.ptx"), "rb") as f:
+        assert f.read() == b"fresh"
+    with open(os.path.join(shared, "old.ptx"), "rb") as f:
+        assert f.read() == b"shared copy"
+    assert not os.path.exists(os.path.join(shared, "empty.ptx"))
+    assert not [f for f in os.listdir(shared) if f.startswith(".incoming-")]
+
+
+def test_a_process_works_privately_and_hands_back_on_exit(tmp_path):
+    shared = str(tmp_path / "shared")
+    entry(shared, "warm")
+    code = ("import os, sys\nfrom dsv4shard import kernel_cache as k\n"
+            "p = k.make_private(sys.argv[1])\n"
+            "assert sorted(os.listdir(p)) == ['warm.ptx', 'warm.txt'], os.listdir(p)\n"
+            "assert os.environ['MLX_PTX_CACHE_DIR'] == p\n"
+            "open(os.path.join(p, 'compiled.txt'), 'w').write('k\\t_Z1kv\\n')\n"
+            "open(os.path.join(p, 'compiled.ptx'), 'wb').write(b'bin')\n"
+            "import atexit; atexit.register(k.finish)\nprint(p)\n")
+    done = subprocess.run([sys.executable, "-c", code, shared], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    private = done.stdout.strip().splitlines()[-1]
+    assert not os.path.exists(private)
+    assert kernel_cache._entries(shared) == ["compiled", "warm"]
+
+
+def test_private_directories_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_cache.tempfile, "tempdir", str(tmp_path))
+    root = tmp_path / "dsv4shard-kernels"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    (root / f"{dead}-abc").mkdir(parents=True)
+    (root / f"{os.getppid()}-live").mkdir()
+    # make_private points this process's environment at it: undone after
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "unchanged")
+    monkeypatch.delenv(kernel_cache.SHARED_ENV, raising=False)
+    private = kernel_cache.make_private(str(tmp_path / "shared"))
+    try:
+        left = sorted(os.listdir(root))
+        assert f"{dead}-abc" not in left and f"{os.getppid()}-live" in left
+        assert os.path.basename(private) in left
+    finally:
+        kernel_cache.finish()
+    assert not os.path.exists(private)
