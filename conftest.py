@@ -30,6 +30,13 @@ def pytest_configure(config):
     if (getattr(config.option, "dist", "no") == "load"
             and not any(str(a).startswith("--dist") for a in config.invocation_params.args)):
         config.option.dist = "worksteal"
+    # Workers (and the rank processes they start) share the cores' BLAS
+    # threads; the controller sets it before it starts them.
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not hasattr(config, "workerinput"):
+        from dsv4shard.cpu_share import share_cores
+
+        share_cores(os.cpu_count() if workers in ("auto", "logical") else int(workers))
     config.addinivalue_line(
         "markers", "distributed: runs real mx.distributed ranks in separate processes"
     )

@@ -199,7 +199,8 @@ DEFECTS: tuple[Defect, ...] = (
         "wrong rows, NaN or inf for x of 2 to 64 rows, in float32, float16 and bfloat16: 8 "
         "bits, x of 3 rows, a 64x64 weight, float32, gave a relative error of 1.0 against "
         "mx.cpu on the same arrays, 1 row exact; 4 and 8 bits in float16 gave inf and 1.8, "
-        "4 bits in bfloat16 wrong values; K = 128 is right (seen on H200)",
+        "4 bits in bfloat16 wrong values; K = 128 is right; in later runs the 8-bit "
+        "float32 case did not return within 40-60 s (seen on H200)",
         experts=None,
         case=lambda c: (_is(c, "quantized_matmul", "affine") and c.group_size == 64
                         and c.x_shape[-1] == 64 and c.tokens > 1),
@@ -211,6 +212,15 @@ DEFECTS: tuple[Defect, ...] = (
                dict(_qmm("bfloat16", AFFINE_4_G64, 3), x_scale=0.57)),
         contractions=lambda quant, k: (quant is not None and quant.mode == "affine"
                                        and quant.group_size == 64 and k == 64)),
+    Defect(
+        "cuda-to-fp8-nan", "cuda", ("to_fp8",), "wrong",
+        "MLX's CUDA to_fp8 encodes a NaN input as a code that is not NaN, in float32, "
+        "float16 and bfloat16; every number, out of range and +-inf included, encodes "
+        "as on mx.cpu (the doctor's probe row with NaN departs, the others agree; "
+        "seen on H200)",
+        experts=None,
+        case=lambda c: _is(c, "to_fp8"),
+        probe=tuple(dict(op="to_fp8", dtype=d) for d in ("float32", "float16", "bfloat16"))),
 )
 
 

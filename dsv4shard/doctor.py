@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from dsv4shard.attribution import OpCase, format_name, replay_line
+from dsv4shard.cpu_share import share_cores
 from reference.quantization import QUANT_FORMATS, QuantFormat
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -341,6 +342,7 @@ def run_map(listed: list[OpCase], *, jobs: int, timeout: float, device: str,
     ok and that no record explains (up to ``confirm`` of them) alone in a
     fresh child."""
     groups = batches(listed, batch_size)
+    share_cores(jobs)
     deadline = None if budget is None else time.monotonic() + budget
     by_case: dict[OpCase, Result] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -19,7 +19,7 @@ from dsv4shard.testing import strategies as s
 from dsv4shard.testing.properties import unfused
 from reference.quantization import QuantFormat
 
-PROBE_TIMEOUT = 60.0
+PROBE_TIMEOUT = 45.0  # as tests/test_doctor.py's: one case, compilation included
 
 
 def departing(row: backend.Defect) -> list[str]:
@@ -28,9 +28,13 @@ def departing(row: backend.Defect) -> list[str]:
     if row.backend == "cpu":
         return [f"{c.label} ({c.shapes()})" for c in cases
                 if attribution.run_case(c).cpu_departs]
-    results = doctor.run_batch(cases, PROBE_TIMEOUT, row.backend)
-    return [f"{r.case.label} ({r.case.shapes()}): {r.status} {r.detail}" for r in results
-            if r.status != doctor.OK and r.backend == row.backend]
+    # One probe that shows it is enough for the xfail, and a probe that hangs
+    # costs the whole timeout: stop at the first (all run once MLX is fixed).
+    for case in cases:
+        r = doctor.run_batch([case], PROBE_TIMEOUT, row.backend)[0]
+        if r.status != doctor.OK and r.backend == row.backend:
+            return [f"{r.case.label} ({r.case.shapes()}): {r.status} {r.detail}"]
+    return []
 
 
 @pytest.mark.parametrize("row", [

@@ -10,8 +10,11 @@ import pytest
 
 from dsv4shard import attribution, backend, doctor
 
-# The shape of MLX's CUDA quantized_matmul defect (issue 12).
+# The shape of MLX's CUDA quantized_matmul defect.
 SMALL_T = attribution.OpCase("quantized_matmul", "float32", (3, 64), (64, 64), "affine", 8, 64)
+# A child's limit: one case answers in seconds, kernel compilation included,
+# with a GPU shared by a whole test run; SMALL_T may spend all of it on CUDA.
+TIMEOUT = 45.0
 
 
 def test_the_map_holds_the_cuda_small_t_defect_and_every_format():
@@ -34,12 +37,13 @@ def test_children_run_cases_and_known_defects_are_named(tmp_path):
     limitation."""
     listed = [SMALL_T, doctor.gather_case("gather_mm", "float16", 2, 64, 64, False),
               attribution.OpCase("to_fp8", "bfloat16")]
-    results = doctor.run_map(listed, jobs=2, timeout=60, device=backend.name())
+    results = doctor.run_map(listed, jobs=2, timeout=TIMEOUT, device=backend.name())
     by_op = {r.case.op: r for r in results}
     small_t = by_op["quantized_matmul"]
     if backend.name() == "cuda":  # the defect itself, named by its record
-        assert (small_t.status, small_t.known) == (
-            doctor.DEPARTS, "cuda-quantized-matmul-affine-group-64"), small_t
+        # wrong rows in some runs of an H200, no answer at all in others
+        assert small_t.status in (doctor.DEPARTS, doctor.HANG), small_t
+        assert small_t.known == "cuda-quantized-matmul-affine-group-64", small_t
     else:
         assert small_t.status == doctor.OK, small_t
     fp8 = by_op["to_fp8"]
@@ -48,16 +52,13 @@ def test_children_run_cases_and_known_defects_are_named(tmp_path):
         mm = by_op["gather_mm"]
         assert (mm.status, mm.backend, mm.known) == (doctor.RAISES, "cpu",
                                                      "cpu-gather-mm-float32-only"), mm
-    else:
-        # An H200's to_fp8 of bfloat16 departed from mx.cpu's (its probes hold
-        # out-of-range values, inf and NaN): no record explains it yet, so the
-        # doctor must list it as a row to add.
-        assert fp8.status in (doctor.OK, doctor.DEPARTS), fp8
+    else:  # a NaN input's code on CUDA (the probes hold one)
+        assert (fp8.status, fp8.known) == (doctor.DEPARTS, "cuda-to-fp8-nan"), fp8
     report = doctor.report_json(results, doctor.identity(), 1.0,
-                                {"jobs": 2, "timeout": 60.0, "quick": True})
+                                {"jobs": 2, "timeout": TIMEOUT, "quick": True})
     json.dumps(report)
     new = [row["op"] for row in report["new_rows"]]
-    assert new == ([] if fp8.status == doctor.OK else ["to_fp8"]) and report["identity"]["mlx"]
+    assert new == [] and report["identity"]["mlx"]
     text = doctor.markdown(report)
     assert "## The map" in text
     assert ("None: every departure is a known record." in text) == (not new)

@@ -103,3 +103,18 @@ def test_the_runner_gives_each_word():
     rare = run(_record(rarely_weak), examples=10)
     assert rare.status == o.PASS and "weak in 1 of 10 passing examples" in rare.detail, rare
     assert run(_record(departs, required=False), examples=3).status == o.DEPARTS
+
+
+def test_a_failure_that_does_not_recur_on_replay_is_an_error_that_shows_it():
+    """Hypothesis calls it flaky; the verdict is ERROR, never a pass, and says
+    what the first run raised (a GPU's torn kernel load would read so)."""
+    calls = iter(range(1000))
+
+    def once(case):
+        if next(calls) == 0:
+            raise RuntimeError("Failed to load compiled kernel")
+        return "fine"
+
+    v = run(_record(once), examples=3)
+    assert v.status == o.ERROR and v.fatal, v
+    assert "the first time: raised RuntimeError: Failed to load compiled kernel" in v.detail, v

@@ -128,6 +128,9 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
             status, detail = o.SKIP, "no case could be drawn"
     except HypothesisException as error:  # the harness's own trouble, never a pass
         status, detail = o.ERROR, f"{type(error).__name__}: {o.first_line(error)}"
+        if seen["error"] is not None:  # a failure that did not recur on replay
+            detail += f"; the first time: {_describe(seen['error'])}"
+            case_text = repr(seen["case"])
     except BaseException as error:  # noqa: BLE001 - the property failed
         failure = seen["error"] if seen["error"] is not None else error
         status = _failure_status(prop, failure)

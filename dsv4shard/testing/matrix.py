@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 
+from dsv4shard.cpu_share import share_cores
 from dsv4shard.engine import records
 from dsv4shard.engine.outcome import first_line
 from dsv4shard.testing.catch import CI_EXAMPLES, MutantSurvived, assert_caught, record_for
@@ -138,6 +139,7 @@ def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=Non
             if progress:
                 progress(cells[-1])
     else:
+        share_cores(jobs)
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
                                  initializer=_worker_init) as pool:
             futures = [pool.submit(_run_named, m.name, qualified(p), examples)
