@@ -25,7 +25,8 @@ def test_kind_is_keyword_and_case_type():
     kin = {matrix.qualified(p) for p in matrix.kin(by_name["no_up_clip"], matrix.properties())}
     assert kin == {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
                    "unfused.sorted_matches_unsorted",
-                   "unfused.moe_matches_reference_at_extremes"}
+                   "unfused.moe_matches_reference_at_extremes",
+                   "unfused.router_matches_reference_on_exact_inputs"}
 
 
 def test_command_prints_the_matrix_and_writes_json(tmp_path, capsys):

@@ -44,6 +44,7 @@ def test_every_comparison_is_covered_in_every_dtype():
     names = {c.name for c in COMPARISONS}
     assert {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
             "unfused.moe_matches_reference_at_extremes", "unfused.sorted_matches_unsorted",
+            "unfused.router_matches_reference_on_exact_inputs",
             "variant.moe_matches_reference", "variant.quantized_moe_matches_reference",
             "end_to_end.sharded_model_matches_unsharded",
             "sharded.sharded_matches_unsharded (float32 sum)",

@@ -14,7 +14,8 @@ MODULES = ("end_to_end", "fused", "quantization", "reference_edges", "sharded", 
 HELPERS = {"tokens", "logits_bound", "run", "build", "inputs", "skip_unsupported", "attempt",
            "install", "make_matrix", "reproducer", "fail", "chosen_scores", "expect_sharded",
            "reduction_dtype", "expect_concat_orders",
-           "virtual_sum", "run_on_ranks", "built", "extreme_probes", "setting_of"}
+           "virtual_sum", "run_on_ranks", "built", "extreme_probes", "setting_of",
+           "exact_router_inputs"}
 
 
 def test_every_property_function_is_in_the_table():
@@ -42,7 +43,8 @@ def test_kinds_are_keyword_and_case_type():
     assert kin == ["reference_edges.all_zero_scores_give_nan"]
     kin = {r.qualified for r in kind_of(by_name("switch_glu_matches_reference"))}
     assert kin == {"unfused.moe_matches_reference", "unfused.switch_glu_matches_reference",
-                   "unfused.sorted_matches_unsorted", "unfused.moe_matches_reference_at_extremes"}
+                   "unfused.sorted_matches_unsorted", "unfused.moe_matches_reference_at_extremes",
+                   "unfused.router_matches_reference_on_exact_inputs"}
     assert all(r.kind == ("variant", "VariantCase") for r in variant_properties())
 
 

@@ -29,6 +29,11 @@ def test_moe_matches_reference_at_extremes(case):
     unfused.moe_matches_reference_at_extremes(case)
 
 
+@given(case=s.moe_cases())
+def test_router_matches_reference_on_exact_inputs(case):
+    unfused.router_matches_reference_on_exact_inputs(case)
+
+
 GLOBAL_SCALE = QuantFormat("nvfp4", 16, 4, global_scale=True)
 
 

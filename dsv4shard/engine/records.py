@@ -98,6 +98,10 @@ def _project() -> list[Property]:
         P("moe_matches_reference_at_extremes", u.moe_matches_reference_at_extremes, s.moe_cases,
           "build", "MoECase", "the block equals the reference at logits of +200 and in "
           "[-28, -18]", "unfused"),
+        P("router_matches_reference_on_exact_inputs",
+          u.router_matches_reference_on_exact_inputs, s.moe_cases, "build", "MoECase",
+          "the router's experts and weights equal the reference's on logits exact in float32 "
+          "and TF32", "unfused"),
         # --- fused gate+up: DeepSeek-V4's configurations, then the extended ones ---
         P("fused_matches_unfused", f.fused_matches_unfused, s.v4_fusion_cases, "fuse_impl",
           "FusionCase", "the fused experts are bit-identical with the unfused ones "

@@ -289,6 +289,13 @@ def project_settings() -> list[Setting]:
                     if unsupported(q, "float32") is None]
 
 
+def router_settings() -> list[Setting]:
+    """The router runs in float32 whatever the block's dtype: one setting a
+    dtype (x rounded to it), and float32 under TF32; no experts' format."""
+    return [Setting(d, None) for d in ("float32", "float16", "bfloat16")] + [
+        Setting("float32", None, tf32=True)]
+
+
 def moe_case(setting: Setting, seed: int = 0, **config):
     """A MoECase where every canned answer differs from the right one: the
     clip active (scale 30, L = 10), several experts per token."""
@@ -527,6 +534,26 @@ def _variant_route(setting: Setting):
     return expected, own
 
 
+def _unfused_exact_route(setting: Setting):
+    """router_matches_reference_on_exact_inputs: route weights on logits
+    exact in float32 and TF32; the wrong answers, besides the scalings: a
+    bfloat16 router's (the tokens and the logits rounded to bfloat16, the
+    reference's experts kept)."""
+    from dsv4shard.testing.properties import unfused
+
+    case = moe_case(setting)
+    c = case.config
+    weights, x64 = unfused.exact_router_inputs(case)
+    x = tolerance.round_to(x64, setting.dtype)
+    x = x[tolerance.router_gap(x, weights, c) > tolerance.exact_router_margin(x, weights, c)]
+    expected = unfused.expect_exact_route(case, x, weights)
+    indices = np.sort(ref.route(x, weights, c)[0], axis=-1)
+    logits = tolerance.round_to(ref.router_logits(tolerance.round_to(x, "bfloat16"),
+                                                  weights.gate), "bfloat16")
+    bf16 = ref.route_weights(ref.scores(logits, c.score_func), indices, c)
+    return expected, {"bfloat16_router": tolerance.round_to(bf16, "float32")}
+
+
 def _variant_clip_probe(setting: Setting):
     """routed_clip / spec_revision / limit_disables_clip: the probe's
     activations through one-hot experts against DeepSeek's clip; the wrong
@@ -604,6 +631,8 @@ def comparisons() -> list[Comparison]:
         Comparison("unfused.switch_glu_matches_reference", project_settings,
                    _unfused_switch_glu),
         Comparison("unfused.sorted_matches_unsorted", project_settings, _unfused_sorted),
+        Comparison("unfused.router_matches_reference_on_exact_inputs", router_settings,
+                   _unfused_exact_route, WRONG_ANSWERS[:4]),
         Comparison("sharded.sharded_matches_unsharded (float32 sum)", project_settings,
                    _sharded("float32")),
         Comparison("sharded.sharded_matches_unsharded (activation-dtype sum)",

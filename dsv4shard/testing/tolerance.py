@@ -155,6 +155,31 @@ def router_margin(x, weights, config, tf32: bool | None = None):
     return 2 * (e_score.max(axis=-1) + 4 * F32 * (np.abs(s + weights.bias).max(axis=-1)))
 
 
+# A float32 router on logits that are exact (the router probe's inputs:
+# every product and sum of its matmul exact in float32 and in TF32): what
+# remains is its element-wise float32 steps, the score function (up to
+# three transcendental calls), the bias add, the k-term sum or softmax's
+# E-term one, the divide and the route scale: a few ulps each on any MLX
+# kernel, fast-math ones included, below 100 in all; 2^-16 allows 256.  A
+# bfloat16 router rounds x or its logits to 8 bits, 2^-9 relative on every
+# logit: a route weight moves by about 60 times this.
+EXACT_ROUTE = 2.0**-16
+
+
+def exact_route_error(w):
+    """Bound on |w_mlx - w_ref| for a float32 router on exact logits."""
+    return EXACT_ROUTE * np.abs(w)
+
+
+def exact_router_margin(x, weights, config):
+    """How far apart the k-th and (k+1)-th biased scores must be for such a
+    router to choose the reference's set: twice the score error, plus the
+    rounding of adding the bias."""
+    s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
+    return 2 * (EXACT_ROUTE * np.abs(s).max(axis=-1)
+                + 4 * F32 * np.abs(s + weights.bias).max(axis=-1))
+
+
 def router_gap(x, weights, config):
     """Per token: k-th minus (k+1)-th biased score (inf when k = E)."""
     k = config.top_k

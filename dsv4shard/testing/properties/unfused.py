@@ -20,6 +20,8 @@ import mlx.core as mx
 import numpy as np
 from hypothesis import assume
 
+import reference as ref
+from dsv4shard.engine.outcome import NotApplicable
 from dsv4shard.testing import data, tolerance
 from dsv4shard.testing.report import fail
 from dsv4shard.testing.strategies import SORT_THRESHOLD, MoECase
@@ -192,3 +194,70 @@ def moe_matches_reference_at_extremes(case: MoECase, build=build_block):
                  expect_moe(case, block, weights, x_ref, ids_ref), build,
                  f"probe tokens 0 (logits {LARGE_LOGITS}) and 1 (logits in {TINY_LOGITS}) "
                  f"first: ")
+
+
+# The router probe (SPEC §1: the router's logits are float32).  Tokens of
+# 10 significant bits over a power of two, gate entries in -3..3: every
+# product has at most 12 bits and every sum of D <= 128 of them stays below
+# 2^19 units, so a float32 matmul's logits are exact, and so are TF32's
+# (operands of 11 bits, float32 accumulation): on any backend a float32
+# router's logits equal the reference's.  bfloat16 keeps 8 bits: it rounds
+# the tokens (float32 and float16 cases) or the logits (every case).
+EXACT_TOKEN_BITS = 10
+EXACT_GATE = 3
+
+
+def exact_router_inputs(case: MoECase):
+    """(weights with an integer gate, tokens x [T, D] in float64): the
+    router probe's inputs, scaled so that logits are of order 1."""
+    c = case.config
+    weights = data.make_weights(case)
+    rng = data.rng_for(case, 5)
+    weights.gate = rng.integers(-EXACT_GATE, EXACT_GATE + 1, weights.gate.shape).astype(float)
+    top = 2**EXACT_TOKEN_BITS - 1
+    shift = EXACT_TOKEN_BITS + int(np.ceil(np.log2(np.sqrt(c.hidden_size) * EXACT_GATE)))
+    x = rng.integers(-top, top + 1, (case.n_tokens, c.hidden_size)) * 2.0**-shift
+    return weights, x
+
+
+def expect_exact_route(drawn: MoECase, x_ref, weights, ids_ref=None) -> tolerance.Expected:
+    """The expected side of router_matches_reference_on_exact_inputs: the
+    reference's route weights, each token's in the order of its experts."""
+    indices, w = ref.route(x_ref, weights, drawn.config, ids_ref)
+    order = np.argsort(indices, axis=-1)
+    want = np.take_along_axis(w, order, -1)
+    return tolerance.Expected(want, tolerance.exact_route_error(want) + 1e-30,
+                              tolerance.arithmetic("float32"))
+
+
+def router_matches_reference_on_exact_inputs(case: MoECase, build=build_block):
+    """The block's router (``block.gate``) chooses the reference's experts
+    and gives its route weights to float32's element-wise error, on tokens
+    and a gate whose logits are exact in float32 and in TF32: a router that
+    multiplies in bfloat16 departs on every backend."""
+    c = case.config
+    weights, x64 = exact_router_inputs(case)
+    block = build(c, weights, case.quant, case.dtype)
+    router = getattr(block, "gate", None)
+    if router is None:
+        raise NotApplicable("the block has no gate (router) to call")
+    weights = read_weights(block)
+    x, x_ref, ids, ids_ref = extreme_inputs(case, x64)
+    if not c.hash_routing:
+        assume(np.all(tolerance.router_gap(x_ref, weights, c)
+                      > tolerance.exact_router_margin(x_ref, weights, c)))
+    indices, w = router(x, ids)
+    got_i, got_w = to_numpy(indices).astype(np.int64), to_numpy(w)
+    want_i = np.sort(ref.route(x_ref, weights, c, ids_ref)[0], axis=-1)
+    order = np.argsort(got_i, axis=-1)
+    got_i, got_w = np.take_along_axis(got_i, order, -1), np.take_along_axis(got_w, order, -1)
+    differ = np.flatnonzero((got_i != want_i).any(axis=-1))
+    if differ.size:
+        t = int(differ[0])
+        fail(router_matches_reference_on_exact_inputs, case,
+             f"token {t} chose experts {got_i[t].tolist()}, the reference "
+             f"{want_i[t].tolist()} ({differ.size} of {len(got_i)} tokens differ; "
+             f"their logits are exact in float32)", build=build)
+    return judge(router_matches_reference_on_exact_inputs, case, got_w,
+                 expect_exact_route(case, x_ref, weights, ids_ref), build,
+                 "route weights on exact logits: ")
