@@ -20,8 +20,11 @@ import sys
 # A rank's resident memory after a job: 545-640 MB measured on Linux (MLX,
 # mlx-lm and its tokenizer libraries imported, a block built), with room;
 # on a GPU backend, the CUDA runtime: 2.1 GB on an H200 with every kernel
-# cached, 3.2 GB while NVRTC compiles them (a cold kernel cache), with room.
-RANK_BYTES = {"cpu": 768 * 2**20, "gpu": 4096 * 2**20}
+# cached, 3.15 GB while NVRTC compiles them (a cold kernel cache), with 8%
+# room (resident size counts the CUDA libraries' shared pages in every rank:
+# it overstates what ranks take together, and more room would refuse 16
+# workers' two ranks each on an H200 host's 125 GB).
+RANK_BYTES = {"cpu": 768 * 2**20, "gpu": 3482 * 2**20}
 
 
 def rank_bytes() -> int:
