@@ -13,7 +13,7 @@ the shared cache's complete entries, and when it exits publishes what it
 compiled back by atomic renames: the names first, the binary last, so that
 a reader who finds a binary finds its names.  The shared directory is only
 ever written by renames.  Nothing changes off CUDA (the CPU build compiles
-nothing; Metal keeps no such cache).
+nothing; Metal keeps no such cache), nor with ``DSV4SHARD_KERNEL_CACHE=off``.
 """
 
 from __future__ import annotations
