@@ -13,7 +13,9 @@ the shared cache's complete entries, and when it exits publishes what it
 compiled back by atomic renames: the names first, the binary last, so that
 a reader who finds a binary finds its names.  The shared directory is only
 ever written by renames.  Nothing changes off CUDA (the CPU build compiles
-nothing; Metal keeps no such cache), nor with ``DSV4SHARD_KERNEL_CACHE=off``.
+nothing; Metal keeps no such cache) unless ``DSV4SHARD_KERNEL_CACHE`` names
+the shared directory (so the mechanics run anywhere), nor with
+``DSV4SHARD_KERNEL_CACHE=off``.
 """
 
 from __future__ import annotations
@@ -139,16 +141,22 @@ def finish() -> None:
     except OSError:
         pass
     shutil.rmtree(private, ignore_errors=True)
+    try:  # the last process out leaves the temp folder as it found it
+        os.rmdir(os.path.dirname(private))
+    except OSError:
+        pass
 
 
 def keep_private() -> None:
-    """On MLX's CUDA build, give this process its own kernel cache (once)."""
-    if _state or os.environ.get(SHARED_ENV) == "off":
+    """On MLX's CUDA build, or on any with ``DSV4SHARD_KERNEL_CACHE`` naming
+    the shared directory, give this process its own kernel cache (once)."""
+    named = os.environ.get(SHARED_ENV)
+    if _state or named == "off":
         return
     try:
         import mlx.core as mx
 
-        if not mx.cuda.is_available():
+        if not (named or mx.cuda.is_available()):
             return
         make_private(shared_directory(mx.__version__))
     except (AttributeError, OSError):

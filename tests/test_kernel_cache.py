@@ -86,3 +86,14 @@ def test_private_directories_of_dead_processes_are_removed(tmp_path, monkeypatch
     finally:
         kernel_cache.finish()
     assert not os.path.exists(private)
+    assert os.listdir(root) == [f"{os.getppid()}-live"]  # others' are left be
+
+
+def test_the_last_process_out_removes_the_private_root(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_cache.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "unchanged")
+    monkeypatch.delenv(kernel_cache.SHARED_ENV, raising=False)
+    shared = tmp_path / "elsewhere" / "ptx"
+    kernel_cache.make_private(str(shared))
+    kernel_cache.finish()
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere"]

@@ -81,7 +81,10 @@ def test_the_pools_leave_the_temp_folder_as_they_found_it(tmp_path):
         "    pass\n"
         "shared.pool(2).run({'task': 'ping'})\n"  # closed at exit
     )
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # Every process keeps a private kernel cache there too (kernel_cache, as
+    # on MLX's CUDA build), seeded from a shared one elsewhere.
+    shared = tmp_path.parent / f"{tmp_path.name}-kernels"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "DSV4SHARD_KERNEL_CACHE": str(shared)}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120,
                    capture_output=True)
     assert sorted(os.listdir(tmp_path)) == []
