@@ -120,3 +120,5 @@ def test_a_failure_that_does_not_recur_on_replay_is_an_error_that_shows_it():
     v = run(_record(once), examples=3)
     assert v.status == o.ERROR and v.fatal, v
     assert "the first time: raised RuntimeError: Failed to load compiled kernel" in v.detail, v
+    assert "it failed again in 0 of 3 reruns of that case" in v.detail, v
+    assert v.case and v.reproduce, v

@@ -129,8 +129,10 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     except HypothesisException as error:  # the harness's own trouble, never a pass
         status, detail = o.ERROR, f"{type(error).__name__}: {o.first_line(error)}"
         if seen["error"] is not None:  # a failure that did not recur on replay
-            detail += f"; the first time: {_describe(seen['error'])}"
+            detail += (f"; the first time: {_describe(seen['error'])}; "
+                       f"{_reruns(prop, seen['case'], impl)}")
             case_text = repr(seen["case"])
+            repro = reproducer(prop, seen["case"], subject_option)
     except BaseException as error:  # noqa: BLE001 - the property failed
         failure = seen["error"] if seen["error"] is not None else error
         status = _failure_status(prop, failure)
@@ -166,6 +168,26 @@ class _Stop(Exception):
     def __init__(self, error):
         super().__init__(str(error))
         self.error = error
+
+
+FLAKY_RERUNS = 3
+
+
+def _reruns(prop: Property, case, impl: dict) -> str:
+    """How often a failure Hypothesis could not replay recurs on the same
+    case: what tells a race (a kernel's, or state kept between calls) from
+    a wrong answer that needs the first call of a process."""
+    failed = 0
+    for _ in range(FLAKY_RERUNS):
+        try:
+            prop.fn(case, **impl)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 - counted, not judged (a hang too)
+            if o.is_skip(error) or isinstance(error, (NotImplementedError, o.Minor)):
+                continue
+            failed += 1
+    return f"it failed again in {failed} of {FLAKY_RERUNS} reruns of that case"
 
 
 def _failure_status(prop: Property, error: BaseException) -> str:
