@@ -129,8 +129,10 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     except HypothesisException as error:  # the harness's own trouble, never a pass
         status, detail = o.ERROR, f"{type(error).__name__}: {o.first_line(error)}"
         if seen["error"] is not None:  # a failure that did not recur on replay
-            detail += (f"; the first time: {_describe(seen['error'])}; "
-                       f"{_reruns(prop, seen['case'], impl)}")
+            notes = [n for n in getattr(seen["error"], "__notes__", ()) if n.startswith(
+                "attribution:")]
+            detail += "; ".join([f"; the first time: {_describe(seen['error'])}", *notes,
+                                 _reruns(prop, seen["case"], impl)])
             case_text = repr(seen["case"])
             repro = reproducer(prop, seen["case"], subject_option)
     except BaseException as error:  # noqa: BLE001 - the property failed
