@@ -152,7 +152,13 @@ def router_margin(x, weights, config, tf32: bool | None = None):
     e_logit = logit_error(x, weights.gate, tf32)
     e_score = np.maximum(score_slope(logits, config.score_func, s), 0.25) * e_logit.max(
         axis=-1, keepdims=True)
-    return 2 * (e_score.max(axis=-1) + 4 * F32 * (np.abs(s + weights.bias).max(axis=-1)))
+    return _choice_margin(s, weights.bias, e_score)
+
+
+def _choice_margin(s, bias, e_score):
+    """Per token: twice the largest score error ``e_score`` [T, E], plus the
+    rounding of adding the bias to the scores ``s``."""
+    return 2 * (e_score.max(axis=-1) + 4 * F32 * (np.abs(s + bias).max(axis=-1)))
 
 
 # A float32 router on logits that are exact (the router probe's inputs:
@@ -176,8 +182,7 @@ def exact_router_margin(x, weights, config):
     router to choose the reference's set: twice the score error, plus the
     rounding of adding the bias."""
     s = ref.scores(ref.router_logits(x, weights.gate), config.score_func)
-    return 2 * (EXACT_ROUTE * np.abs(s).max(axis=-1)
-                + 4 * F32 * np.abs(s + weights.bias).max(axis=-1))
+    return _choice_margin(s, weights.bias, EXACT_ROUTE * np.abs(s))
 
 
 def router_gap(x, weights, config):
