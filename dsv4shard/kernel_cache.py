@@ -159,7 +159,13 @@ def keep_private() -> None:
         if not (named or mx.cuda.is_available()):
             return
         make_private(shared_directory(mx.__version__))
-    except (AttributeError, OSError):
+    except AttributeError:  # an MLX without mx.cuda
+        return
+    except OSError as error:  # the cache is an economy: say so, and go on without it
+        import sys
+
+        print(f"dsv4shard: no private kernel cache ({SHARED_ENV}={named or '(unset)'}): "
+              f"{error}; MLX's own cache directory is used", file=sys.stderr)
         return
     atexit.register(finish)
     # multiprocessing's children leave by os._exit, past atexit, but run

@@ -97,3 +97,16 @@ def test_the_last_process_out_removes_the_private_root(tmp_path, monkeypatch):
     kernel_cache.make_private(str(shared))
     kernel_cache.finish()
     assert sorted(os.listdir(tmp_path)) == ["elsewhere"]
+
+
+def test_a_shared_directory_that_cannot_be_made_is_one_line_and_no_failure(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    done = subprocess.run([sys.executable, "-c", "import dsv4shard, os; "
+                           "print(os.environ.get('MLX_PTX_CACHE_DIR'))"],
+                          env={**os.environ, kernel_cache.SHARED_ENV: str(blocker / "ptx"),
+                               "MLX_PTX_CACHE_DIR": "unchanged"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "unchanged", done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no private kernel cache" in lines[0], done.stderr
