@@ -15,6 +15,7 @@ import pytest
 from hypothesis import Phase, given, settings
 
 from dsv4shard import attribution, backend, doctor
+from dsv4shard.engine.outcome import BackendDefect
 from dsv4shard.testing import strategies as s
 from dsv4shard.testing.properties import unfused
 from reference.quantization import QuantFormat
@@ -106,11 +107,12 @@ AFFINE_G128 = QuantFormat("affine", 128, 4)
 
 
 @pytest.mark.skipif(backend.name() != "cuda", reason="a defect of MLX's CUDA build")
-@pytest.mark.xfail(reason=backend.by_key("cuda-affine-group-128").reason)
-@settings(max_examples=10, phases=SHOW["phases"])  # no shrinking: every shape compiles
+@pytest.mark.xfail(raises=BackendDefect, reason=backend.by_key("cuda-affine-group-128").reason)
+@settings(max_examples=4, phases=SHOW["phases"])  # no shrinking: every shape compiles
 @given(case=s.moe_cases(formats=[AFFINE_G128]))
 def test_cuda_affine_group_128(case):
-    """Through the block (not strict: the op-level probe above is)."""
+    """Through the block, the defect is MLX's, never the block's: any other
+    failure fails the test (not strict: the op-level probe above is)."""
     unfused.moe_matches_reference(case)
 
 
