@@ -42,4 +42,12 @@ def pytest_runtest_logreport(report):
     _write(f"{report.outcome.upper()} {report.nodeid} ({report.when}, "
            f"{report.duration:.1f} s,{worker} {_when()})\n")
     if report.failed:
-        _write(str(report.longrepr)[-4000:] + "\n\n")
+        _write(_clipped(str(report.longrepr)) + "\n\n")
+
+
+def _clipped(text: str, head: int = 12000, tail: int = 6000) -> str:
+    """A failure's text, its opening (what failed, first) and its end (the
+    case and reproducer) kept where it is long."""
+    if len(text) <= head + tail:
+        return text
+    return f"{text[:head]}\n  [... {len(text) - head - tail} characters ...]\n{text[-tail:]}"
