@@ -761,10 +761,14 @@ def make_params(case: OpCase) -> dict:
         if case.global_scale:
             params["global_scale"] = _cpu(np.abs(w).max().astype(np.float32))
         return params
-    if case.op in ("gather_mm", "matmul"):
-        b = _cpu(_weights(case), dtype)
-        if case.op == "matmul":
-            return {"a": x, "b": b}
+    if case.op == "matmul":
+        return {"a": x, "b": _cpu(_weights(case), dtype)}
+    if case.op == "gather_mm":
+        # As mlx-lm's SwitchLinear passes it: the [E, N, K] weight's transposed
+        # view, not a contiguous [E, K, N] array (the kernels differ).
+        b = mx.swapaxes(_cpu(np.ascontiguousarray(_weights(case).swapaxes(-1, -2)), dtype),
+                        -1, -2, stream=mx.cpu)
+        mx.eval(b)
         return {"a": x, "b": b, "rhs_indices": indices, "sorted_indices": case.sorted_indices}
     # The packed weight depends on the format, dtype, shape and seed only.
     packed = _packed_weights(OpCase(case.op if case.op == "dequantize" else "quantized",

@@ -137,6 +137,32 @@ def test_a_contraction_defect_leaves_that_size_out_and_keeps_the_format(monkeypa
     assert sizes == {128}
 
 
+def test_a_sorting_defect_keeps_those_experts_on_the_unsorted_path(monkeypatch):
+    """The CUDA build's sorted gather_mm record: dense cases stay below the
+    sort threshold there, quantized ones still cross it; on any other
+    backend dense cases cross it too (shown with the backend named each)."""
+    from hypothesis import HealthCheck
+
+    def sorted_paths(quantized):
+        seen = set()
+
+        @settings(max_examples=60, database=None, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=s.moe_cases(quantized=quantized))
+        def draws(case):
+            seen.add(case.n_tokens * case.config.top_k >= s.SORT_THRESHOLD)
+
+        draws()
+        return seen
+
+    for name in ("cuda", "cpu"):
+        monkeypatch.setattr(backend, "name", lambda name=name: name)
+        assert bool(backend.cuts_sorting(None)) == (name == "cuda"), name
+        assert not backend.cuts_sorting(QuantFormat("mxfp4", 32, 4)), name
+        assert sorted_paths(False) == ({False} if name == "cuda" else {False, True}), name
+        assert True in sorted_paths(True), name
+
+
 def test_whole_model_comparisons_leave_a_tf32_device_for_the_cpu(monkeypatch):
     for name, device in (("cuda", "cpu"), ("metal", "default"), ("cpu", "default")):
         monkeypatch.setattr(backend, "name", lambda name=name: name)

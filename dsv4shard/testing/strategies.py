@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from dsv4shard.backend import cuts_contraction, float16_code_overflow, unsupported
+from dsv4shard.backend import (
+    cuts_contraction,
+    cuts_sorting,
+    float16_code_overflow,
+    unsupported,
+)
 from reference.moe_block import SCORE_FUNCS, MoEConfig, Revision, shared_expert_limit
 from reference.quantization import QUANT_FORMATS, QuantFormat
 
@@ -146,7 +151,10 @@ def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False
     pattern = draw(st.sampled_from(patterns), label="pattern")
     if pattern in HASH_PATTERNS:
         config = MoEConfig(**{**config.__dict__, "hash_routing": True, "vocab_size": 97})
-    side = draw(st.sampled_from(["below", "at", "above"]), label="sort_side")
+    # Where a backend defect makes the sorted path wrong for these experts
+    # (backend.cuts_sorting), they are judged on the unsorted path only.
+    sides = ["below"] if cuts_sorting(quant) else ["below", "at", "above"]
+    side = draw(st.sampled_from(sides), label="sort_side")
     n_tokens = draw(token_counts(config.top_k, side), label="n_tokens")
     batch_shape = ()
     if n_tokens % 2 == 0 and draw(st.booleans(), label="batched"):
