@@ -638,7 +638,10 @@ class OpCase:
     ops' rhs_indices (sorted when ``sorted_indices``).  Activations are
     normal times ``x_scale``; weights normal over sqrt(K), quantized by the
     NumPy reference (bit for bit MLX's CPU quantizer), affine scales and
-    biases stored in ``dtype`` as a model holds them."""
+    biases stored in ``dtype`` as a model holds them.  ``in_graph``
+    (gather_mm): the arrays are made on the default device and left
+    unevaluated, so that the op runs in one graph with their making, as in a
+    model's forward pass, not on arrays evaluated on ``mx.cpu`` beforehand."""
 
     op: str
     dtype: str = "float32"
@@ -652,6 +655,7 @@ class OpCase:
     sorted_indices: bool = False
     x_scale: float = 1.0
     seed: int = 0
+    in_graph: bool = False
 
     @property
     def fmt(self) -> q.QuantFormat | None:
@@ -673,7 +677,8 @@ class OpCase:
     @property
     def label(self) -> str:
         op = self.op + (" sorted" if self.sorted_indices else "")
-        return " ".join(p for p in (op, format_name(self.fmt), self.dtype) if p)
+        made = "(arrays made in its graph)" if self.in_graph else ""
+        return " ".join(p for p in (op, format_name(self.fmt), self.dtype, made) if p)
 
     def shapes(self) -> str:
         parts = []
@@ -744,16 +749,18 @@ def make_params(case: OpCase) -> dict:
         return {"x": _cpu(np.arange(256, dtype=np.uint8).reshape(8, 32)), "dtype": dtype}
     if case.op == "to_fp8":
         return {"x": _cpu(_fp8_probes() * case.x_scale, dtype)}
-    x = indices = None
+    x = indices = x_values = idx = None
     if case.x_shape:
         rng = np.random.default_rng([case.seed, 2])
-        x = _cpu((rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32), dtype)
+        x_values = (rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32)
+        x = _cpu(x_values, dtype)
     if case.indices_shape is not None:
         rng = np.random.default_rng([case.seed, 3])
         idx = rng.integers(0, case.w_shape[0], case.indices_shape)
         if case.sorted_indices:
             idx = np.sort(idx.ravel()).reshape(case.indices_shape)
-        indices = _cpu(idx.astype(np.uint32))
+        idx = idx.astype(np.uint32)
+        indices = _cpu(idx)
     if case.op == "quantize":
         w = _weights(case)
         params = {"w": _cpu(w, dtype), "group_size": case.group_size, "bits": case.bits,
@@ -766,9 +773,14 @@ def make_params(case: OpCase) -> dict:
     if case.op == "gather_mm":
         # As mlx-lm's SwitchLinear passes it: the [E, N, K] weight's transposed
         # view, not a contiguous [E, K, N] array (the kernels differ).
-        b = mx.swapaxes(_cpu(np.ascontiguousarray(_weights(case).swapaxes(-1, -2)), dtype),
-                        -1, -2, stream=mx.cpu)
-        mx.eval(b)
+        stored = np.ascontiguousarray(_weights(case).swapaxes(-1, -2))
+        if case.in_graph:
+            x = mx.array(x_values).astype(dtype)
+            b = mx.array(stored).astype(dtype).swapaxes(-1, -2)
+            indices = mx.array(idx)
+        else:
+            b = mx.swapaxes(_cpu(stored, dtype), -1, -2, stream=mx.cpu)
+            mx.eval(b)
         return {"a": x, "b": b, "rhs_indices": indices, "sorted_indices": case.sorted_indices}
     # The packed weight depends on the format, dtype, shape and seed only.
     packed = _packed_weights(OpCase(case.op if case.op == "dequantize" else "quantized",

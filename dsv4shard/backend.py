@@ -120,13 +120,16 @@ def _is(case, op=None, mode=None, dtype=None, **fields) -> bool:
     return all(getattr(case, k) == v for k, v in fields.items())
 
 
-def _gather(op, dtype, fmt=None, tokens=3, n=64, k=64, sort=False, x_scale=1.0):
+def _gather(op, dtype, fmt=None, tokens=3, n=64, k=64, sort=False, x_scale=1.0,
+            in_graph=False):
     """A probe: a gather op as SwitchGLU calls it (4 experts, k = 2)."""
     x_shape, indices = ((tokens * 2, 1, k), (tokens * 2,)) if sort else \
         ((tokens, 1, 1, k), (tokens, 2))
     fields = dict(op=op, dtype=dtype, x_shape=x_shape, indices_shape=indices,
                   sorted_indices=sort, x_scale=x_scale,
                   w_shape=(4, k, n) if op == "gather_mm" else (4, n, k))
+    if in_graph:
+        fields["in_graph"] = True
     if fmt is not None:
         fields.update(mode=fmt.mode, bits=fmt.bits, group_size=fmt.group_size,
                       global_scale=fmt.global_scale)
@@ -221,16 +224,20 @@ DEFECTS: tuple[Defect, ...] = (
                                        and quant.group_size == 64 and k == 64)),
     Defect(
         "cuda-gather-mm-sorted", "cuda", ("gather_mm",), "wrong",
-        "MLX's CUDA gather_mm with sorted_indices returns wrong rows for the "
-        "weight as mlx-lm's SwitchLinear passes it (a transposed view): relative "
-        "error 1.2-1.6 against mx.cpu on the same arrays, in float32 and bfloat16, "
-        "every call in a fresh process; through the block it shows in some runs "
-        "only (a replay in the same process passes); unsorted is right (seen on H200)",
+        "MLX's CUDA gather_mm with sorted_indices returns wrong rows when its "
+        "arrays are made in the same graph (as in a model's forward pass), the "
+        "weight the transposed view mlx-lm's SwitchLinear passes: relative error "
+        "1.2-1.6 against NumPy in float32 and bfloat16, every call (5 shapes, 6 "
+        "calls each); on arrays evaluated beforehand it is right, and through the "
+        "block it departs in some runs only (a replay passes); unsorted is right "
+        "(seen on H200)",
         experts=None,
-        case=lambda c: _is(c, "gather_mm") and c.sorted_indices,
-        probe=(_gather("gather_mm", "float32", tokens=8, n=72, k=64, sort=True),
-               _gather("gather_mm", "bfloat16", tokens=8, n=64, k=64, sort=True),
-               _gather("gather_mm", "float16", tokens=8, n=64, k=64, sort=True)),
+        case=lambda c: _is(c, "gather_mm") and c.sorted_indices and c.in_graph,
+        probe=(_gather("gather_mm", "float32", tokens=8, n=72, k=64, sort=True, in_graph=True),
+               _gather("gather_mm", "bfloat16", tokens=8, n=64, k=64, sort=True,
+                       in_graph=True),
+               _gather("gather_mm", "float16", tokens=8, n=64, k=64, sort=True,
+                       in_graph=True)),
         sorting=lambda quant: quant is None),
     Defect(
         "cuda-to-fp8-nan", "cuda", ("to_fp8",), "wrong",

@@ -60,16 +60,17 @@ def _fmt_fields(fmt: QuantFormat | None) -> dict:
 
 
 def gather_case(op: str, dtype: str, tokens: int, n: int, k: int, sort: bool,
-                fmt: QuantFormat | None = None) -> OpCase:
+                fmt: QuantFormat | None = None, in_graph: bool = False) -> OpCase:
     """A gather op as mlx-lm's SwitchGLU calls it: x [T, 1, 1, K] and
-    indices [T, k] unsorted; sorted, x [T*k, 1, K] and indices [T*k]."""
+    indices [T, k] unsorted; sorted, x [T*k, 1, K] and indices [T*k]
+    (``in_graph``: arrays made in the op's own graph, OpCase.in_graph)."""
     if sort:
         x_shape, indices = (tokens * TOP_K, 1, k), (tokens * TOP_K,)
     else:
         x_shape, indices = (tokens, 1, 1, k), (tokens, TOP_K)
     w_shape = (EXPERTS, k, n) if op == "gather_mm" else (EXPERTS, n, k)
     return OpCase(op, dtype, x_shape, w_shape, indices_shape=indices, sorted_indices=sort,
-                  **_fmt_fields(fmt))
+                  in_graph=in_graph, **_fmt_fields(fmt))
 
 
 def cases(quick: bool = False, ops: tuple[str, ...] | None = None) -> list[OpCase]:
@@ -95,8 +96,12 @@ def cases(quick: bool = False, ops: tuple[str, ...] | None = None) -> list[OpCas
                                for t in tokens)
     for dtype in DTYPES:
         for n, k in shapes:
-            for sort in (False, True):
-                out.extend(gather_case("gather_mm", dtype, t, n, k, sort) for t in tokens)
+            # Arrays evaluated beforehand, and made in the op's graph as a
+            # model's forward pass makes them (MLX's CUDA sorted gather_mm
+            # departs in the second way only).
+            for sort, in_graph in ((False, False), (True, False), (False, True), (True, True)):
+                out.extend(gather_case("gather_mm", dtype, t, n, k, sort, in_graph=in_graph)
+                           for t in tokens)
     for dtype in DTYPES:
         out.append(OpCase("from_fp8", dtype))
         out.append(OpCase("to_fp8", dtype))

@@ -16,6 +16,13 @@ ever written by renames.  Nothing changes off CUDA (the CPU build compiles
 nothing; Metal keeps no such cache) unless ``DSV4SHARD_KERNEL_CACHE`` names
 the shared directory (so the mechanics run anywhere), nor with
 ``DSV4SHARD_KERNEL_CACHE=off``.
+
+MLX keeps PTX; the CUDA driver compiles it for the GPU on each load and
+keeps that in its own cache (``~/.nv/ComputeCache``), whose default size
+(1 GiB) a whole run fills: on an H200 one run left 1023 MiB there, and a
+second run on the same machine was no faster than the first.  So the
+driver's cache may grow to its largest size, 4 GiB (``CUDA_CACHE_MAXSIZE``,
+unless set already; it is read when CUDA starts, before MLX is imported).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import tempfile
 # seed from it too, not from their parent's private directory.
 SHARED_ENV = "DSV4SHARD_KERNEL_CACHE"
 _PRIVATE_ROOT = "dsv4shard-kernels"
+DRIVER_CACHE_BYTES = 4 << 30  # CUDA_CACHE_MAXSIZE's largest value
 _state: dict[str, str] = {}
 
 
@@ -153,6 +161,7 @@ def keep_private() -> None:
     named = os.environ.get(SHARED_ENV)
     if _state or named == "off":
         return
+    os.environ.setdefault("CUDA_CACHE_MAXSIZE", str(DRIVER_CACHE_BYTES))
     try:
         import mlx.core as mx
 

@@ -29,6 +29,14 @@ def test_the_map_holds_the_cuda_small_t_defect_and_every_format():
     assert {c.tokens for c in full if c.op == "quantized_matmul"} == set(doctor.TOKENS)
     assert len(full) == len(set(full))
     assert all(c.w_shape[-1] % c.group_size == 0 for c in full if c.fmt)
+    # gather_mm both ways, on arrays evaluated beforehand and made in its graph;
+    # the CUDA record explains the sorted in-graph cases only.
+    for cases in (full, doctor.cases(quick=True)):
+        made = {(c.sorted_indices, c.in_graph) for c in cases if c.op == "gather_mm"}
+        assert made == {(False, False), (True, False), (False, True), (True, True)}
+    for c in doctor.cases(quick=True):
+        record = backend.known(c, "cuda") if c.op == "gather_mm" else None
+        assert (record is not None) == (c.op == "gather_mm" and c.sorted_indices and c.in_graph)
 
 
 def test_children_run_cases_and_known_defects_are_named(tmp_path):
@@ -65,14 +73,14 @@ def test_children_run_cases_and_known_defects_are_named(tmp_path):
 
 
 FAKE_CHILD = textwrap.dedent("""
-    import json, os, sys, time
+    import json, os, re, sys, time
     listing, start = sys.argv[sys.argv.index("--child") + 1], int(sys.argv[-1])
     cases = json.load(open(listing))
     for i in range(start, len(cases)):
         print(json.dumps({"i": i, "start": True}), flush=True)
-        if "seed=1)" in cases[i]:
+        if re.search(r"seed=1[,)]", cases[i]):
             time.sleep(60)
-        if "seed=2)" in cases[i]:
+        if re.search(r"seed=2[,)]", cases[i]):
             os._exit(3)
         print(json.dumps({"i": i, "measure": {"device_departs": False, "cpu_departs": False}}),
               flush=True)

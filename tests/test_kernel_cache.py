@@ -110,3 +110,18 @@ def test_a_shared_directory_that_cannot_be_made_is_one_line_and_no_failure(tmp_p
     assert done.returncode == 0 and done.stdout.strip() == "unchanged", done
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "no private kernel cache" in lines[0], done.stderr
+
+
+def test_the_drivers_own_cache_may_grow_unless_the_user_said_otherwise():
+    def seen(**env):
+        base = {k: v for k, v in os.environ.items()
+                if k not in ("CUDA_CACHE_MAXSIZE", kernel_cache.SHARED_ENV)}
+        done = subprocess.run([sys.executable, "-c", "import dsv4shard, os; "
+                               "print(os.environ.get('CUDA_CACHE_MAXSIZE'))"],
+                              env={**base, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done
+        return done.stdout.strip()
+
+    assert seen() == str(4 << 30)
+    assert seen(CUDA_CACHE_MAXSIZE="123") == "123"
+    assert seen(**{kernel_cache.SHARED_ENV: "off"}) == "None"
