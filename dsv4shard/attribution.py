@@ -15,6 +15,11 @@ case is run again twice in the same process:
    departs from the CPU's beyond a tight bound, and from the NumPy reference
    of that operation more than the CPU's does, that operation is named.
 
+Before either, the failing run's own calls are checked the same way: while
+a test or an example runs on the device, :func:`flight_recording` keeps its
+latest calls unevaluated, as the computation made them, so that a kernel
+that answers wrong once (a race) and right on every rerun is still named.
+
 :func:`attribute` turns the failure into a :class:`BackendDefect` when the
 property passes on ``mx.cpu`` and the device departs (naming the operation,
 its mode, bits, group, dtype, shapes and error, with a reproducer of that
@@ -143,6 +148,8 @@ _STATE = types.SimpleNamespace(
     trusted=False,  # inside the rerun on mx.cpu: simulated defects are off
     judging=False,  # inside attribute(): a nested failure is raised as it is
     simulated=[],  # ops with a simulated defect (tests only)
+    flight=None,  # the Recorder of the example now running (flight_recording)
+    flight_paused=False,  # inside unrecorded(): nothing is kept
 )
 
 
@@ -158,6 +165,52 @@ def device_under_test() -> str | None:
     from dsv4shard import backend
 
     return backend.name()
+
+
+@contextmanager
+def flight_recording():
+    """Keep the MLX calls of the example now running, unevaluated, so that a
+    failure is judged on the failing run's own arrays, not only on a rerun's:
+    a kernel that answers wrong once (a race) and right on replay is still
+    named.  Off the device under test (``mx.cpu``) it records nothing.  A
+    recording already running is cleared and goes on (one example, one
+    record)."""
+    if _STATE.flight is not None:
+        _STATE.flight.clear()
+        yield
+        return
+    if device_under_test() is None:
+        yield
+        return
+    recorder = Recorder(keep=True, max_elements=1 << 24, lazy=True)
+    _STATE.flight = recorder
+    try:
+        with recorder:
+            yield
+    finally:
+        _STATE.flight = None
+
+
+@contextmanager
+def unrecorded():
+    """Nothing made inside is kept by :func:`flight_recording`: for a
+    property that counts the references to arrays, or MLX's active memory,
+    which a kept array would change."""
+    paused = _STATE.flight_paused
+    _STATE.flight_paused = True
+    try:
+        yield
+    finally:
+        _STATE.flight_paused = paused
+
+
+def _flown() -> list[Call]:
+    """The calls of the failing run (flight_recording), handed over once."""
+    if _STATE.flight is None:
+        return []
+    calls = list(_STATE.flight.calls)
+    _STATE.flight.clear()
+    return calls
 
 
 @contextmanager
@@ -238,27 +291,43 @@ class Recorder:
     result, up to ``max_elements`` in all.  Calls traced inside
     ``mx.compile`` (their arrays cannot be evaluated) are skipped."""
 
-    def __init__(self, keep: bool = True, max_elements: int = 1 << 25):
+    def __init__(self, keep: bool = True, max_elements: int = 1 << 25, lazy: bool = False):
         self.keep = keep
         self.max_elements = max_elements
+        # lazy: keep the arrays as the computation made them, unevaluated, so
+        # that recording does not change how it runs (flight_recording).
+        self.lazy = lazy
         self.kept = 0
         self.calls: list[Call] = []
         self.signatures: list[tuple] = []
         self._restore: list[tuple] = []
 
+    def clear(self) -> None:
+        self.kept = 0
+        self.calls.clear()
+        self.signatures.clear()
+
     def note(self, op: str, fn: Callable, args: tuple, kwargs: dict, out) -> None:
-        if is_cpu(kwargs.get("stream")):
+        if is_cpu(kwargs.get("stream")) or (self.lazy and (_STATE.judging
+                                                             or _STATE.flight_paused)):
             return
         params = bind(op, args, kwargs)
-        self.signatures.append(signature(op, params))
+        if not self.lazy:  # a rerun's path, compared with the other device's
+            self.signatures.append(signature(op, params))
         if not self.keep or _STATE.trusted:
             return
-        try:
-            mx.eval(out)
-        except Exception:  # noqa: BLE001 - a traced call (mx.compile): nothing to keep
-            return
+        if not self.lazy:
+            try:
+                mx.eval(out)
+            except Exception:  # noqa: BLE001 - a traced call (mx.compile): nothing to keep
+                return
         size = sum(a.size for a in _arrays(out)) + sum(
             v.size for v in params.values() if isinstance(v, mx.array))
+        if self.lazy:  # the latest calls: the failing example's, when one fails
+            while self.calls and self.kept + size > self.max_elements:
+                dropped = self.calls.pop(0)
+                self.kept -= sum(a.size for a in _arrays(dropped.out)) + sum(
+                    v.size for v in dropped.params.values() if isinstance(v, mx.array))
         if self.kept + size > self.max_elements:
             return
         self.kept += size
@@ -1089,8 +1158,11 @@ def attribute(prop: Callable, case, impl: dict, error: BaseException) -> BaseExc
     if (device is None or _STATE.judging or getattr(error, "_dsv4shard_attributed", False)
             or isinstance(error, BackendDefect) or _uses_real_ranks(prop)):
         return _mark(error)
+    flown = _flown()
     _STATE.judging = True
     try:
+        in_failing_run = findings_of(flown)
+        del flown
         on_cpu_run = _rerun(prop, case, impl, cpu=True)
         on_device = _rerun(prop, case, impl, cpu=False)
         found = findings_of(on_device.calls)
@@ -1099,10 +1171,17 @@ def attribute(prop: Callable, case, impl: dict, error: BaseException) -> BaseExc
     name = getattr(prop, "__name__", str(prop))
     if found and on_cpu_run.status in ("pass", "skip", "error", "declined"):
         return _mark(backend_defect(name, device, error, found, on_cpu_run))
-    if found:  # fails on mx.cpu too: the implementation's, and a defect besides
+    if in_failing_run and on_cpu_run.status == "pass":
+        # The failing run's own arrays: MLX's kernel departed there, the
+        # property passes on mx.cpu, whatever a rerun on the device did.
+        rerun = ("failed again" if on_device.status == "fail" else
+                 f"rerun on {device}: {on_device.status}, nothing departing recorded")
+        return _mark(backend_defect(name, device, error, in_failing_run, on_cpu_run,
+                                    when=f"in the failing run ({rerun})"))
+    if found or in_failing_run:  # fails on mx.cpu too: the implementation's, and a defect besides
         _note(error, f"attribution: fails on mx.cpu as well: the implementation's failure; "
                      f"besides, MLX on {device} departs from mx.cpu in "
-                     + "; ".join(f.describe() for f in found[:3]))
+                     + "; ".join(f.describe() for f in (found or in_failing_run)[:3]))
         return _mark(error)
     if on_cpu_run.status == "pass":
         only_device = sorted({s[0] for s in set(on_device.signatures) - set(on_cpu_run.signatures)})
@@ -1128,9 +1207,10 @@ def attribute(prop: Callable, case, impl: dict, error: BaseException) -> BaseExc
 
 
 def backend_defect(name: str, device: str, error: BaseException, found: list[Finding],
-                   on_cpu_run: Rerun) -> BackendDefect:
+                   on_cpu_run: Rerun, when: str = "") -> BackendDefect:
     """The BackendDefect of a failure: first line the verdict, then the
-    original failure, the reproducers, the case's own lines."""
+    original failure, the reproducers, the case's own lines (``when``: where
+    the departing calls were recorded, when not in the rerun)."""
     if on_cpu_run.status == "pass":
         cpu_says = "the property passes on mx.cpu on the same case"
     else:
@@ -1138,7 +1218,7 @@ def backend_defect(name: str, device: str, error: BaseException, found: list[Fin
                     f"{_first_line(on_cpu_run.error)}), so the implementation is not cleared")
     if found:
         head = (f"{name}: backend defect, not the implementation's: MLX's "
-                f"{found[0].describe()} on {device}; {cpu_says}")
+                f"{found[0].describe()} on {device}{' ' + when if when else ''}; {cpu_says}")
     else:
         head = (f"{name}: backend defect, not the implementation's: fails on {device}, "
                 f"{cpu_says}; no single MLX operation recorded departs from mx.cpu beyond its "

@@ -22,6 +22,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
 
 from dsv4shard import backend
 from dsv4shard.activation import ClippedSwiGLU
+from dsv4shard.attribution import unrecorded
 from dsv4shard.fuse import install_fused
 from reference.quantization import QuantFormat
 
@@ -126,6 +127,11 @@ def touched_experts(indices: mx.array) -> int:
 def active_after(make) -> tuple[object, int]:
     """(what ``make()`` returns, the active bytes it holds once garbage is
     collected and MLX's buffer cache is emptied)."""
+    with unrecorded():
+        return _active_after(make)
+
+
+def _active_after(make) -> tuple[object, int]:
     gc.collect()
     mx.clear_cache()
     base = mx.get_active_memory()
@@ -141,6 +147,11 @@ def memory_held(name: str, fmt: QuantFormat, experts: int) -> dict:
     installing (the unfused pair and its concatenation coexist)."""
     from dsv4shard.testing.mutants.fusion import keeps_unfused_alive
 
+    with unrecorded():  # the attribution's record would hold arrays alive
+        return _memory_held(name, fmt, experts, keeps_unfused_alive)
+
+
+def _memory_held(name: str, fmt: QuantFormat, experts: int, keeps_unfused_alive) -> dict:
     layer, unfused = active_after(lambda: flash_layer(experts, fmt))
     mx.reset_peak_memory()
     start = mx.get_active_memory()

@@ -339,6 +339,20 @@ def hardware_pool(request):
         yield pool
 
 
+# --- the attribution's record of each test ------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Each test's MLX calls are kept while it runs on a device other than
+    ``mx.cpu`` (``attribution.flight_recording``), so that a failure is
+    judged on the failing run's own arrays; on ``mx.cpu`` nothing is kept."""
+    from dsv4shard.attribution import flight_recording
+
+    with flight_recording():
+        yield
+
+
 # --- the session summary ------------------------------------------------------------------
 
 

@@ -5,6 +5,8 @@ reads BACKEND, naming the operation with a reproducer; a known-bad
 implementation stays the implementation's failure with the defect present.
 """
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from dsv4shard.engine.run import run
 from dsv4shard.testing.mutants import fusion as fusion_mutants
 from dsv4shard.testing.mutants import quantization as quant_mutants
 from dsv4shard.testing.mutants.router import build_no_renormalisation
+from dsv4shard.testing.properties import fused as fused_props
 from dsv4shard.testing.properties import quantization as qprops
 from dsv4shard.testing.properties import unfused
 from dsv4shard.testing.strategies import FusionCase, MoECase, QuantCase
@@ -281,3 +284,63 @@ def test_e4m3_nan_codes_match_any_nan():
     got = np.array([0x7F, 0xFF, 0x7E, 0x01], np.uint8)
     want = np.array([0xFF, 0x7F, 0x7E, 0x02], np.uint8)
     assert qprops.same_e4m3_codes(got, want).tolist() == [True, True, True, False]
+
+
+def wrong_once():
+    """A kernel that answers wrong on its first call only (a race's look):
+    every rerun, on the device or on mx.cpu, passes."""
+    calls = iter(range(1 << 20))
+    return lambda out, params: -3.0 * out if next(calls) == 0 else out
+
+
+def test_a_kernel_wrong_once_is_named_from_the_failing_run_itself():
+    """The failing run's own MLX calls are kept (unevaluated, as it made
+    them): the departure is MLX's although no rerun shows it.  Without that
+    record the same failure would be 'not reproducible', never BACKEND."""
+    with a.simulated_defect("quantized_matmul", wrong_once(), when=three_rows):
+        with a.flight_recording():
+            with pytest.raises(o.BackendDefect) as caught:
+                unfused.moe_matches_reference(CASE)
+    text = str(caught.value)
+    assert "MLX's quantized_matmul" in text and "in the failing run (rerun on " in text, text
+    assert "the property passes on mx.cpu on the same case" in text, text
+    with a.simulated_defect("quantized_matmul", wrong_once(), when=three_rows):
+        with pytest.raises(AssertionError) as unrecorded:
+            unfused.moe_matches_reference(CASE)
+    assert not isinstance(unrecorded.value, o.BackendDefect), unrecorded.value
+    assert "not reproducible" in "\n".join(getattr(unrecorded.value, "__notes__", []))
+
+
+def test_an_implementation_wrong_once_stays_the_implementations():
+    """The twin: a block built wrong the first time only, every MLX call
+    right: the failing run's record names nothing, so it is not MLX's."""
+    builds = iter(range(1 << 20))
+
+    def wrong_first_build(*args, **kwargs):
+        block = unfused.build_block(*args, **kwargs)
+        if next(builds) == 0:  # the routed experts' weights scaled twice over
+            block.gate.route_scale = 2.0 * block.gate.route_scale
+        return block
+
+    with a.simulated_defect("quantized_matmul", lambda out, p: out):
+        with a.flight_recording():
+            with pytest.raises(AssertionError) as caught:
+                unfused.moe_matches_reference(CASE, build=wrong_first_build)
+    assert not isinstance(caught.value, o.BackendDefect), caught.value
+    assert "not reproducible" in "\n".join(getattr(caught.value, "__notes__", []))
+
+
+def test_the_record_keeps_no_array_the_freed_weights_property_counts():
+    """On a device the record runs in every test; were it to keep the arrays
+    a build or install makes, the unfused gate/up would look kept alive by
+    the implementation (here, with the record kept inside too: a false
+    alarm, and one read as the backend's)."""
+    case = FusionCase(MoECase(MoEConfig(64, 64, 4, 2), q.QuantFormat("affine", 64, 4),
+                              "float32", 5, "router", 1.0, seed=1))
+    with a.simulated_defect("quantize", lambda out, p: out):
+        with a.flight_recording():
+            fused_props.fusion_frees_unfused(case)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(fused_props, "unrecorded", contextlib.nullcontext)
+                with pytest.raises(AssertionError, match="fusion_frees_unfused"):
+                    fused_props.fusion_frees_unfused(case)

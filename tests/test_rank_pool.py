@@ -85,8 +85,9 @@ def test_the_pools_leave_the_temp_folder_as_they_found_it(tmp_path):
     # on MLX's CUDA build), seeded from a shared one elsewhere.
     shared = tmp_path.parent / f"{tmp_path.name}-kernels"
     env = {**os.environ, "TMPDIR": str(tmp_path), "DSV4SHARD_KERNEL_CACHE": str(shared)}
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120,
-                   capture_output=True)
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=120,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == []
 
 

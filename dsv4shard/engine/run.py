@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from hypothesis import HealthCheck, Phase, given, reject, settings
 from hypothesis.errors import HypothesisException, Unsatisfiable
 
+from dsv4shard.attribution import flight_recording
 from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import Property
 from dsv4shard.testing import report
@@ -87,33 +88,35 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
     def body(case):
         nonlocal count
         count += 1
-        try:
-            detail = prop.fn(case, **impl)
-        except HypothesisException:
-            raise
-        except o.Minor as minor:
-            seen["minor"] = seen["minor"] or o.one_line(minor)
-            return
-        except NotImplementedError as declined:
-            message = o.one_line(declined) or "NotImplementedError"
-            if message not in seen["declined"]:
-                seen["declined"].append(message)
-            reject()
-        except BaseException as error:
-            if o.is_skip(error):
-                raise _Stop(error) from None
-            # The attribution hook (a no-op on mx.cpu, and for failures that
-            # went through it already): a BackendDefect where MLX is at fault.
-            judged = report.judged(prop.fn, case, error, **impl)
-            seen["error"], seen["case"] = judged, case
-            if judged is error:
+        # The example's own MLX calls, for the attribution of its failure.
+        with flight_recording():
+            try:
+                detail = prop.fn(case, **impl)
+            except HypothesisException:
                 raise
-            raise judged from error
-        seen["examples"] += 1
-        if isinstance(detail, o.Weak):
-            seen["weak"].append(detail)
-        elif isinstance(detail, str) and detail:
-            seen["detail"] = detail
+            except o.Minor as minor:
+                seen["minor"] = seen["minor"] or o.one_line(minor)
+                return
+            except NotImplementedError as declined:
+                message = o.one_line(declined) or "NotImplementedError"
+                if message not in seen["declined"]:
+                    seen["declined"].append(message)
+                reject()
+            except BaseException as error:
+                if o.is_skip(error):
+                    raise _Stop(error) from None
+                # The attribution hook (a no-op on mx.cpu, and for failures that
+                # went through it already): a BackendDefect where MLX is at fault.
+                judged = report.judged(prop.fn, case, error, **impl)
+                seen["error"], seen["case"] = judged, case
+                if judged is error:
+                    raise
+                raise judged from error
+            seen["examples"] += 1
+            if isinstance(detail, o.Weak):
+                seen["weak"].append(detail)
+            elif isinstance(detail, str) and detail:
+                seen["detail"] = detail
 
     start = time.perf_counter()
     status, detail, case_text, repro = o.PASS, "", "", ""
