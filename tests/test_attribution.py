@@ -344,3 +344,17 @@ def test_the_record_keeps_no_array_the_freed_weights_property_counts():
                 patch.setattr(fused_props, "unrecorded", contextlib.nullcontext)
                 with pytest.raises(AssertionError, match="fusion_frees_unfused"):
                     fused_props.fusion_frees_unfused(case)
+
+
+@pytest.mark.slow
+def test_the_record_changes_no_verdict_of_the_projects_own_code():
+    """Every property on one process's records (real ranks aside), run as on
+    a device, its calls kept by the record: the same verdicts as without."""
+    from dsv4shard.engine.records import table
+
+    for record in [r for r in table() if not r.ranks]:
+        plain = run(record, examples=2)
+        with a.simulated_defect("quantized_matmul", lambda out, p: out):
+            with a.flight_recording():
+                kept = run(record, examples=2)
+        assert kept.status == plain.status, (record.name, plain.detail, kept.detail)
