@@ -22,13 +22,61 @@ settings.load_profile(
 )
 
 
+# The tests that took longest on a GPU (seconds on one H200, 16 workers,
+# benchmarks/results/gpu-h200.md runs 6-9), longest first: each opens one
+# worker's share of the collection, so that none starts late and ends the
+# run alone (dsv4shard.testing.schedule).  On the CPU they are long too.
+STARTED_FIRST = (
+    "tests/test_unfused.py::test_moe_matches_reference_with_global_scale",  # 121
+    "tests/test_unfused.py::test_moe_matches_reference_at_extremes",  # 84-97
+    "tests/test_unfused.py::test_moe_matches_reference",  # 5-91
+    "tests/test_backend_defects.py::test_cuda_affine_group_128",  # 73-91
+    "tests/test_fused.py::test_fused_property[fused_matches_unfused]",  # 70-88
+    "tests/test_variants.py::test_conforming_variant_passes_every_check",  # 48-57
+    "tests/test_variants.py::test_deepseek_v41_is_reported_as_it_is",  # 39-55
+    "tests/test_variants.py::test_adapter_drives_each_layout_and_names_its_departure"
+    "[ffn_switch_mlp.py]",  # 48-53
+    "tests/test_cli.py::test_version_and_help_through_python_m",  # 41-53
+    "tests/test_backend_defects.py::test_defect_still_shows"
+    "[cuda-quantized-matmul-affine-group-64]",  # 49
+    "tests/test_doctor.py::test_children_run_cases_and_known_defects_are_named",  # 47-48
+    "tests/test_known_bad.py::test_mutant_is_caught[limit_not_honoured]",  # 47
+    "tests/test_sharded.py::test_real_ranks_uneven_split",  # 37
+    "tests/test_sharded.py::test_real_ranks_match_unsharded",  # 33
+    "tests/test_fused.py::test_fused_property[fusion_keeps_bytes_and_round_trips_extended]",
+    "tests/test_sharded_model.py::test_released_deepseek_v41_gives_the_unsharded_logits"
+    "[2-overrides0]",  # 24-31
+    "tests/test_variants.py::test_the_projects_own_block_sharding_and_fusion_conform",  # 22-30
+    "tests/test_third_party.py::test_three_real_ranks_run_and_a_rank_killed_mid_run_fails_fast",
+    "tests/test_known_bad.py::test_mutant_is_caught[shard_rank_dependent_routing]",  # 22-25
+    "tests/test_known_bad.py::test_mutant_is_caught[shard_no_all_sum]",  # 22-24
+    "tests/test_sharded_model.py::test_rank0_sinks_everywhere_is_a_wrong_answer_in_attention",
+)
+
+
+def _chosen_dist(args) -> bool:
+    return any(str(a).startswith("--dist") for a in args)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Only for work stealing's contiguous shares, the mode pytest_configure
+    # below picks unless --dist was given (workers see the controller's argv).
+    worker = getattr(config, "workerinput", {})
+    workers = worker.get("workercount")
+    if workers and not _chosen_dist(worker.get("mainargv", ["--dist"])):
+        from dsv4shard.testing.schedule import front_loaded
+
+        rank = {nodeid: i for i, nodeid in enumerate(STARTED_FIRST)}
+        items[:] = front_loaded(items, int(workers), lambda item: rank.get(item.nodeid))
+
+
 def pytest_configure(config):
     # pytest-xdist hands tests out in collection order ("load"); this suite's
     # long tests (whole variant reports, real ranks) would then end the run
     # on one worker while the other idles: let idle workers steal queued
     # tests instead, unless --dist was chosen on the command line.
     if (getattr(config.option, "dist", "no") == "load"
-            and not any(str(a).startswith("--dist") for a in config.invocation_params.args)):
+            and not _chosen_dist(config.invocation_params.args)):
         config.option.dist = "worksteal"
     # Workers (and the rank processes they start) share the cores' BLAS
     # threads; the controller sets it before it starts them.
