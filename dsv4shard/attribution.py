@@ -321,13 +321,11 @@ class Recorder:
                 mx.eval(out)
             except Exception:  # noqa: BLE001 - a traced call (mx.compile): nothing to keep
                 return
-        size = sum(a.size for a in _arrays(out)) + sum(
-            v.size for v in params.values() if isinstance(v, mx.array))
+        size = _elements(out, params)
         if self.lazy:  # the latest calls: the failing example's, when one fails
             while self.calls and self.kept + size > self.max_elements:
                 dropped = self.calls.pop(0)
-                self.kept -= sum(a.size for a in _arrays(dropped.out)) + sum(
-                    v.size for v in dropped.params.values() if isinstance(v, mx.array))
+                self.kept -= _elements(dropped.out, dropped.params)
         if self.kept + size > self.max_elements:
             return
         self.kept += size
@@ -361,6 +359,12 @@ class Recorder:
             setattr(owner, attr, fn)
         self._restore.clear()
         return False
+
+
+def _elements(out, params: dict) -> int:
+    """The elements a kept call holds: its result's and its arrays'."""
+    return sum(a.size for a in _arrays(out)) + sum(
+        v.size for v in params.values() if isinstance(v, mx.array))
 
 
 def _arrays(out) -> list:
