@@ -712,9 +712,10 @@ class OpCase:
     normal times ``x_scale``; weights normal over sqrt(K), quantized by the
     NumPy reference (bit for bit MLX's CPU quantizer), affine scales and
     biases stored in ``dtype`` as a model holds them.  ``in_graph``
-    (gather_mm): the arrays are made on the default device and left
-    unevaluated, so that the op runs in one graph with their making, as in a
-    model's forward pass, not on arrays evaluated on ``mx.cpu`` beforehand."""
+    (gather_mm): the arrays are made on the default device (the weight's
+    transposed view taken there) and left unevaluated, so that the op runs in
+    one graph with their making, as in a model's forward pass, not on arrays
+    made and evaluated on ``mx.cpu`` beforehand."""
 
     op: str
     dtype: str = "float32"

@@ -224,13 +224,12 @@ DEFECTS: tuple[Defect, ...] = (
                                        and quant.group_size == 64 and k == 64)),
     Defect(
         "cuda-gather-mm-sorted", "cuda", ("gather_mm",), "wrong",
-        "MLX's CUDA gather_mm with sorted_indices returns wrong rows when its "
-        "arrays are made in the same graph (as in a model's forward pass), the "
-        "weight the transposed view mlx-lm's SwitchLinear passes: relative error "
-        "1.2-1.6 against NumPy in float32 and bfloat16, every call (5 shapes, 6 "
-        "calls each); on arrays evaluated beforehand it is right, and through the "
-        "block it departs in some runs only (a replay passes); unsorted is right "
-        "(seen on H200)",
+        "MLX's CUDA gather_mm with sorted_indices returns wrong rows on arrays "
+        "made on the GPU, the weight the transposed view mlx-lm's SwitchLinear "
+        "passes (taken there): relative error 1.2-1.6 against NumPy in float32 and "
+        "bfloat16, every call of 5 shapes x 6 calls; on the same values made on "
+        "mx.cpu first it is right, and through the block it departs in some runs "
+        "only (a replay passes); unsorted is right (seen on H200)",
         experts=None,
         case=lambda c: _is(c, "gather_mm") and c.sorted_indices and c.in_graph,
         probe=(_gather("gather_mm", "float32", tokens=8, n=72, k=64, sort=True, in_graph=True),
