@@ -336,7 +336,11 @@ class Recorder:
         replay on mx.cpu calls."""
         def recorded(*args, **kwargs):
             out = fn(*args, **kwargs)
-            self.note(op, replay or fn, args, kwargs, out)
+            try:
+                self.note(op, replay or fn, args, kwargs, out)
+            except Exception:  # noqa: BLE001 - the record never breaks the code it watches
+                if not self.lazy:
+                    raise
             return out
 
         recorded.__wrapped__ = fn
