@@ -127,9 +127,7 @@ def _gather(op, dtype, fmt=None, tokens=3, n=64, k=64, sort=False, x_scale=1.0,
         ((tokens, 1, 1, k), (tokens, 2))
     fields = dict(op=op, dtype=dtype, x_shape=x_shape, indices_shape=indices,
                   sorted_indices=sort, x_scale=x_scale,
-                  w_shape=(4, k, n) if op == "gather_mm" else (4, n, k))
-    if in_graph:
-        fields["in_graph"] = True
+                  w_shape=(4, k, n) if op == "gather_mm" else (4, n, k), in_graph=in_graph)
     if fmt is not None:
         fields.update(mode=fmt.mode, bits=fmt.bits, group_size=fmt.group_size,
                       global_scale=fmt.global_scale)
@@ -271,33 +269,34 @@ def known(case, backend: str) -> Defect | None:
     return None
 
 
+def _reason(says: Callable[[Defect], bool], dtype: str = "") -> str | None:
+    """The reason of the first record of the running backend that ``says``
+    so, or None."""
+    for d in rows(name()):
+        if says(d):
+            return d.because(dtype)
+    return None
+
+
 def unsupported(quant: QuantFormat | None, dtype: str) -> str | None:
     """Why this backend cannot run experts in ``quant`` and ``dtype``, or None:
     the reason of the first record of the running backend that leaves them
     out (tests/test_backend_defects.py probes each)."""
-    for d in rows(name()):
-        if not d.guard and d.experts is not None and d.experts(quant, dtype):
-            return d.because(dtype)
-    return None
+    return _reason(lambda d: not d.guard and d.experts is not None and d.experts(quant, dtype),
+                   dtype)
 
 
 def cuts_contraction(quant: QuantFormat | None, k: int) -> str | None:
     """Why this backend cannot multiply experts in ``quant`` over a
     contraction of ``k`` (a hidden or intermediate size), or None: drawn
     cases leave such sizes out, and keep the format."""
-    for d in rows(name()):
-        if d.contractions is not None and d.contractions(quant, k):
-            return d.because()
-    return None
+    return _reason(lambda d: d.contractions is not None and d.contractions(quant, k))
 
 
 def cuts_sorting(quant: QuantFormat | None) -> str | None:
     """Why this backend's sorted path is wrong for experts in ``quant`` (None:
     dense), or None: drawn cases stay below mlx-lm's sort threshold there."""
-    for d in rows(name()):
-        if d.sorting is not None and d.sorting(quant):
-            return d.because()
-    return None
+    return _reason(lambda d: d.sorting is not None and d.sorting(quant))
 
 
 def float16_code_overflow(quant: QuantFormat | None, dtype: str) -> str | None:
@@ -307,7 +306,5 @@ def float16_code_overflow(quant: QuantFormat | None, dtype: str) -> str | None:
     passes 65504, although the true output is in range.  A clipped SwiGLU
     keeps |h| <= L^2 and stays clear of it; unclipped, large activations do
     not, so the strategies keep them small there."""
-    for d in rows(name()):
-        if d.guard and d.experts is not None and d.experts(quant, dtype):
-            return d.because(dtype)
-    return None
+    return _reason(lambda d: d.guard and d.experts is not None and d.experts(quant, dtype),
+                   dtype)
