@@ -777,6 +777,12 @@ def format_name(fmt: q.QuantFormat | None) -> str:
     return fmt.mode + (" with global scale" if fmt.global_scale else "")
 
 
+def _on_device(a: np.ndarray, dtype=None) -> mx.array:
+    """``a`` made on the default device and left unevaluated (OpCase.in_graph)."""
+    out = mx.array(a)
+    return out if dtype is None else out.astype(dtype)
+
+
 def _cpu(a: np.ndarray, dtype=None) -> mx.array:
     out = mx.array(a)
     if dtype is not None:
@@ -827,18 +833,17 @@ def make_params(case: OpCase) -> dict:
         return {"x": _cpu(np.arange(256, dtype=np.uint8).reshape(8, 32)), "dtype": dtype}
     if case.op == "to_fp8":
         return {"x": _cpu(_fp8_probes() * case.x_scale, dtype)}
-    x = indices = x_values = idx = None
+    made = _on_device if case.in_graph else _cpu
+    x = indices = None
     if case.x_shape:
         rng = np.random.default_rng([case.seed, 2])
-        x_values = (rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32)
-        x = _cpu(x_values, dtype)
+        x = made((rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32), dtype)
     if case.indices_shape is not None:
         rng = np.random.default_rng([case.seed, 3])
         idx = rng.integers(0, case.w_shape[0], case.indices_shape)
         if case.sorted_indices:
             idx = np.sort(idx.ravel()).reshape(case.indices_shape)
-        idx = idx.astype(np.uint32)
-        indices = _cpu(idx)
+        indices = made(idx.astype(np.uint32))
     if case.op == "quantize":
         w = _weights(case)
         params = {"w": _cpu(w, dtype), "group_size": case.group_size, "bits": case.bits,
@@ -851,13 +856,9 @@ def make_params(case: OpCase) -> dict:
     if case.op == "gather_mm":
         # As mlx-lm's SwitchLinear passes it: the [E, N, K] weight's transposed
         # view, not a contiguous [E, K, N] array (the kernels differ).
-        stored = np.ascontiguousarray(_weights(case).swapaxes(-1, -2))
-        if case.in_graph:
-            x = mx.array(x_values).astype(dtype)
-            b = mx.array(stored).astype(dtype).swapaxes(-1, -2)
-            indices = mx.array(idx)
-        else:
-            b = mx.swapaxes(_cpu(stored, dtype), -1, -2, stream=mx.cpu)
+        stored = made(np.ascontiguousarray(_weights(case).swapaxes(-1, -2)), dtype)
+        b = mx.swapaxes(stored, -1, -2, stream=None if case.in_graph else mx.cpu)
+        if not case.in_graph:
             mx.eval(b)
         return {"a": x, "b": b, "rhs_indices": indices, "sorted_indices": case.sorted_indices}
     # The packed weight depends on the format, dtype, shape and seed only.
