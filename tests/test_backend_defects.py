@@ -79,6 +79,7 @@ def test_exclusions_come_from_the_table():
 SHOW = dict(max_examples=50, phases=[Phase.explicit, Phase.generate])
 
 MXFP8 = QuantFormat("mxfp8", 32, 8)
+AFFINE_4_G64 = QuantFormat("affine", 64, 4)
 
 
 @pytest.mark.skipif(backend.name() != "cpu", reason="a defect of MLX's CPU build")
@@ -163,6 +164,58 @@ def test_a_sorting_defect_keeps_those_experts_on_the_unsorted_path(monkeypatch):
         assert not backend.cuts_sorting(QuantFormat("mxfp4", 32, 4)), name
         assert sorted_paths(False) == ({False} if name == "cuda" else {False, True}), name
         assert True in sorted_paths(True), name
+
+
+def test_a_propertys_own_probe_tokens_stay_unsorted_where_sorting_is_cut(monkeypatch):
+    """moe_matches_reference_at_extremes puts two probe tokens before the
+    drawn ones: on the H200 this case (1 token, k = 22: 66 rows) went through
+    the sorted gather_mm its record says is wrong, and failed as a backend
+    defect.  Where the record holds, every gather_mm call stays unsorted."""
+    import mlx.core as mx
+
+    from reference import MoEConfig, Revision
+
+    config = MoEConfig(32, 32, 22, 22, 10.0, 1.0, "sqrtsoftplus",
+                       revision=Revision.FIRST_RELEASE)
+    case = s.MoECase(config, None, "float32", 1, "router", 1.0, 0, linear_bias=True)
+    real, seen = mx.gather_mm, []
+
+    def spy(*args, sorted_indices=False, **kwargs):
+        seen.append(sorted_indices)
+        return real(*args, sorted_indices=sorted_indices, **kwargs)
+
+    monkeypatch.setattr(mx, "gather_mm", spy)
+    for name in ("cuda", "cpu"):
+        monkeypatch.setattr(backend, "name", lambda name=name: name)
+        seen.clear()
+        unfused.moe_matches_reference_at_extremes(case)
+        assert seen and any(seen) == (name == "cpu"), (name, seen)
+
+
+@pytest.mark.parametrize("uneven", [False, True], ids=["even", "uneven"])
+def test_no_rank_multiplies_over_a_contraction_the_backend_gets_wrong(monkeypatch, uneven):
+    """A rank's share of the intermediate size is the contraction of its
+    shared expert's down projection: on the H200 a share of 64 (affine,
+    group 64) hung MLX's quantized_matmul inside sharded_matches_unsharded.
+    Where the record holds no share is 64; elsewhere such shares are drawn."""
+    from hypothesis import HealthCheck
+
+    def shares_drawn():
+        seen = set()
+
+        @settings(max_examples=80, database=None, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=s.shard_cases(formats=[AFFINE_4_G64], uneven=uneven))
+        def draws(case):
+            inter = case.moe.config.intermediate_size
+            seen.update(round(inter * share) for share in case.shares)
+
+        draws()
+        return seen
+
+    for name in ("cuda", "cpu"):
+        monkeypatch.setattr(backend, "name", lambda name=name: name)
+        assert (64 in shares_drawn()) == (name == "cpu"), name
 
 
 def test_whole_model_comparisons_leave_a_tf32_device_for_the_cpu(monkeypatch):
