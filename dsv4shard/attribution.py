@@ -715,11 +715,11 @@ class OpCase:
     ops' rhs_indices (sorted when ``sorted_indices``).  Activations are
     normal times ``x_scale``; weights normal over sqrt(K), quantized by the
     NumPy reference (bit for bit MLX's CPU quantizer), affine scales and
-    biases stored in ``dtype`` as a model holds them.  ``in_graph``
-    (gather_mm): the arrays are made on the default device (the weight's
-    transposed view taken there) and left unevaluated, so that the op runs in
-    one graph with their making, as in a model's forward pass, not on arrays
-    made and evaluated on ``mx.cpu`` beforehand."""
+    biases stored in ``dtype`` as a model holds them.  ``x_axis_view``
+    (gather ops): x's size-1 axes are given to its rows [R, K] by
+    ``mx.expand_dims``, a view whose stride there is not the contiguous one
+    (as ``x[:, None, :]`` is), rather than x made contiguous in its shape:
+    MLX's CUDA sorted gather_mm reads the two differently."""
 
     op: str
     dtype: str = "float32"
@@ -733,7 +733,7 @@ class OpCase:
     sorted_indices: bool = False
     x_scale: float = 1.0
     seed: int = 0
-    in_graph: bool = False
+    x_axis_view: bool = False
 
     @property
     def fmt(self) -> q.QuantFormat | None:
@@ -755,7 +755,7 @@ class OpCase:
     @property
     def label(self) -> str:
         op = self.op + (" sorted" if self.sorted_indices else "")
-        made = "(arrays made in its graph)" if self.in_graph else ""
+        made = "(x's size-1 axis a view)" if self.x_axis_view else ""
         return " ".join(p for p in (op, format_name(self.fmt), self.dtype, made) if p)
 
     def shapes(self) -> str:
@@ -775,12 +775,6 @@ def format_name(fmt: q.QuantFormat | None) -> str:
     if fmt.mode == "affine":
         return f"affine {fmt.bits}-bit group {fmt.group_size}"
     return fmt.mode + (" with global scale" if fmt.global_scale else "")
-
-
-def _on_device(a: np.ndarray, dtype=None) -> mx.array:
-    """``a`` made on the default device and left unevaluated (OpCase.in_graph)."""
-    out = mx.array(a)
-    return out if dtype is None else out.astype(dtype)
 
 
 def _cpu(a: np.ndarray, dtype=None) -> mx.array:
@@ -833,17 +827,23 @@ def make_params(case: OpCase) -> dict:
         return {"x": _cpu(np.arange(256, dtype=np.uint8).reshape(8, 32)), "dtype": dtype}
     if case.op == "to_fp8":
         return {"x": _cpu(_fp8_probes() * case.x_scale, dtype)}
-    made = _on_device if case.in_graph else _cpu
     x = indices = None
     if case.x_shape:
         rng = np.random.default_rng([case.seed, 2])
-        x = made((rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32), dtype)
+        values = (rng.standard_normal(case.x_shape) * case.x_scale).astype(np.float32)
+        if case.x_axis_view:  # the rows [R, K], their size-1 axes inserted as a view
+            rows = _cpu(values.reshape(case.x_shape[0], case.x_shape[-1]), dtype)
+            # On the default stream, left to the op's own evaluation: as the
+            # calls MLX's CUDA build got wrong made it.
+            x = mx.expand_dims(rows, tuple(range(1, len(case.x_shape) - 1)))
+        else:
+            x = _cpu(values, dtype)
     if case.indices_shape is not None:
         rng = np.random.default_rng([case.seed, 3])
         idx = rng.integers(0, case.w_shape[0], case.indices_shape)
         if case.sorted_indices:
             idx = np.sort(idx.ravel()).reshape(case.indices_shape)
-        indices = made(idx.astype(np.uint32))
+        indices = _cpu(idx.astype(np.uint32))
     if case.op == "quantize":
         w = _weights(case)
         params = {"w": _cpu(w, dtype), "group_size": case.group_size, "bits": case.bits,
@@ -856,10 +856,9 @@ def make_params(case: OpCase) -> dict:
     if case.op == "gather_mm":
         # As mlx-lm's SwitchLinear passes it: the [E, N, K] weight's transposed
         # view, not a contiguous [E, K, N] array (the kernels differ).
-        stored = made(np.ascontiguousarray(_weights(case).swapaxes(-1, -2)), dtype)
-        b = mx.swapaxes(stored, -1, -2, stream=None if case.in_graph else mx.cpu)
-        if not case.in_graph:
-            mx.eval(b)
+        stored = _cpu(np.ascontiguousarray(_weights(case).swapaxes(-1, -2)), dtype)
+        b = mx.swapaxes(stored, -1, -2, stream=mx.cpu)
+        mx.eval(b)
         return {"a": x, "b": b, "rhs_indices": indices, "sorted_indices": case.sorted_indices}
     # The packed weight depends on the format, dtype, shape and seed only.
     packed = _packed_weights(OpCase(case.op if case.op == "dequantize" else "quantized",

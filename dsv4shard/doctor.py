@@ -60,17 +60,17 @@ def _fmt_fields(fmt: QuantFormat | None) -> dict:
 
 
 def gather_case(op: str, dtype: str, tokens: int, n: int, k: int, sort: bool,
-                fmt: QuantFormat | None = None, in_graph: bool = False) -> OpCase:
+                fmt: QuantFormat | None = None, x_axis_view: bool = False) -> OpCase:
     """A gather op as mlx-lm's SwitchGLU calls it: x [T, 1, 1, K] and
     indices [T, k] unsorted; sorted, x [T*k, 1, K] and indices [T*k]
-    (``in_graph``: arrays made in the op's own graph, OpCase.in_graph)."""
+    (``x_axis_view``: x's size-1 axes a view, OpCase.x_axis_view)."""
     if sort:
         x_shape, indices = (tokens * TOP_K, 1, k), (tokens * TOP_K,)
     else:
         x_shape, indices = (tokens, 1, 1, k), (tokens, TOP_K)
     w_shape = (EXPERTS, k, n) if op == "gather_mm" else (EXPERTS, n, k)
     return OpCase(op, dtype, x_shape, w_shape, indices_shape=indices, sorted_indices=sort,
-                  in_graph=in_graph, **_fmt_fields(fmt))
+                  x_axis_view=x_axis_view, **_fmt_fields(fmt))
 
 
 def cases(quick: bool = False, ops: tuple[str, ...] | None = None) -> list[OpCase]:
@@ -96,11 +96,11 @@ def cases(quick: bool = False, ops: tuple[str, ...] | None = None) -> list[OpCas
                                for t in tokens)
     for dtype in DTYPES:
         for n, k in shapes:
-            # Arrays evaluated beforehand, and made in the op's graph as a
-            # model's forward pass makes them (MLX's CUDA sorted gather_mm
+            # x contiguous, and x's size-1 axes a view (expand_dims), as
+            # callers give rows those axes (MLX's CUDA sorted gather_mm
             # departs in the second way only).
-            for sort, in_graph in ((False, False), (True, False), (False, True), (True, True)):
-                out.extend(gather_case("gather_mm", dtype, t, n, k, sort, in_graph=in_graph)
+            for sort, view in ((False, False), (True, False), (False, True), (True, True)):
+                out.extend(gather_case("gather_mm", dtype, t, n, k, sort, x_axis_view=view)
                            for t in tokens)
     for dtype in DTYPES:
         out.append(OpCase("from_fp8", dtype))

@@ -166,6 +166,7 @@ def test_a_sorting_defect_keeps_those_experts_on_the_unsorted_path(monkeypatch):
         assert True in sorted_paths(True), name
 
 
+@pytest.mark.filterwarnings("ignore:Using `assume` outside a property-based test")
 def test_a_propertys_own_probe_tokens_stay_unsorted_where_sorting_is_cut(monkeypatch):
     """moe_matches_reference_at_extremes puts two probe tokens before the
     drawn ones: on the H200 this case (1 token, k = 22: 66 rows) went through
@@ -188,7 +189,8 @@ def test_a_propertys_own_probe_tokens_stay_unsorted_where_sorting_is_cut(monkeyp
     for name in ("cuda", "cpu"):
         monkeypatch.setattr(backend, "name", lambda name=name: name)
         seen.clear()
-        unfused.moe_matches_reference_at_extremes(case)
+        with attribution.on_cpu():  # the paths taken, not a GPU's values, are the point
+            unfused.moe_matches_reference_at_extremes(case)
         assert seen and any(seen) == (name == "cpu"), (name, seen)
 
 

@@ -29,14 +29,14 @@ def test_the_map_holds_the_cuda_small_t_defect_and_every_format():
     assert {c.tokens for c in full if c.op == "quantized_matmul"} == set(doctor.TOKENS)
     assert len(full) == len(set(full))
     assert all(c.w_shape[-1] % c.group_size == 0 for c in full if c.fmt)
-    # gather_mm both ways, on arrays evaluated beforehand and made in its graph;
-    # the CUDA record explains the sorted in-graph cases only.
+    # gather_mm both ways, x contiguous and x's size-1 axes a view; the CUDA
+    # record explains the sorted view cases only.
     for cases in (full, doctor.cases(quick=True)):
-        made = {(c.sorted_indices, c.in_graph) for c in cases if c.op == "gather_mm"}
+        made = {(c.sorted_indices, c.x_axis_view) for c in cases if c.op == "gather_mm"}
         assert made == {(False, False), (True, False), (False, True), (True, True)}
     for c in doctor.cases(quick=True):
         record = backend.known(c, "cuda") if c.op == "gather_mm" else None
-        assert (record is not None) == (c.op == "gather_mm" and c.sorted_indices and c.in_graph)
+        assert (record is not None) == (c.op == "gather_mm" and c.sorted_indices and c.x_axis_view)
 
 
 def test_children_run_cases_and_known_defects_are_named(tmp_path):

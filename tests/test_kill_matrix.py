@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 import reference as ref
 from dsv4shard import backend
 from dsv4shard.cli import main
@@ -48,6 +50,23 @@ def test_a_survivor_is_reported_as_such():
     cells = matrix.run_matrix([correct], examples=5)
     assert [(c.result, c.examples) for c in cells] == [("missed", 5)]
     assert matrix.summary([correct], cells, 0.0)["survived"] == ["the_reference_itself"]
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_costs_its_own_cells_only(monkeypatch):
+    """A worker process killed mid-cell (a crash in a kernel, the memory
+    killer) broke the whole pool on the H200: a traceback and no matrix.
+    Now its cells are errors saying so, and the other mutant's are run."""
+    from impls.broken import matrix_worker_dying_on
+
+    two = [m for m in catalogue() if m.name in ("np_naive_softplus", "np_two_sided_gate_clip")]
+    monkeypatch.setenv("DSV4SHARD_TEST_DIE_ON", "np_naive_softplus")
+    cells = matrix.run_matrix(two, examples=3, jobs=2, worker=matrix_worker_dying_on)
+    assert len(cells) == sum(len(matrix.kin(m)) for m in two)
+    dead = {c.result for c in cells if c.mutant == "np_naive_softplus"}
+    assert dead == {"error"} and all("worker process died" in c.detail for c in cells
+                                     if c.mutant == "np_naive_softplus")
+    assert "error" not in {c.result for c in cells if c.mutant == "np_two_sided_gate_clip"}
 
 
 def test_a_mutant_only_a_kernel_can_catch_skips_where_the_backend_has_none():

@@ -19,6 +19,7 @@ import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 
@@ -126,29 +127,56 @@ def _worker_init():
     Finalize(None, shared.close_all, exitpriority=10)
 
 
-def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=None) -> list[Cell]:
+def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=None,
+               worker=None) -> list[Cell]:
     """Every cell of ``mutants`` x their kinds' properties, over ``jobs``
     processes (catalogue entries only: workers find them by name; one job
-    runs any ``Mutant``); ``progress(cell)`` is called as each completes."""
+    runs any ``Mutant``); ``progress(cell)`` is called as each completes.
+    A worker process that dies (a crash inside a kernel, the memory killer)
+    costs its own cell only, an error saying so; the others still run.
+    ``worker``: what a worker process runs for a cell (tests)."""
     props = properties()
     tasks = [(m, p) for m in mutants for p in kin(m, props)]
-    cells = []
-    if jobs <= 1:
+    if jobs <= 1 and worker is None:
+        cells = []
         for mutant, prop in tasks:
             cells.append(run_cell(mutant, prop, examples))
             if progress:
                 progress(cells[-1])
-    else:
-        share_cores(jobs)
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            futures = [pool.submit(_run_named, m.name, qualified(p), examples)
-                       for m, p in tasks]
-            for future in futures:
-                cells.append(future.result())
-                if progress:
-                    progress(cells[-1])
-    return cells
+        return cells
+    share_cores(jobs)
+    worker = worker or _run_named
+    done: dict[int, Cell] = {}
+    left = _pooled(tasks, range(len(tasks)), examples, jobs, worker, done, progress)
+    # A pool whose worker died fails every cell still in it: each of those
+    # runs again in a pool of its own, so that only the one that dies again
+    # is charged with it.
+    for i in left:
+        _pooled(tasks, [i], examples, 1, worker, done, progress, last=True)
+    return [done[i] for i in range(len(tasks))]
+
+
+def _pooled(tasks, which, examples, jobs, worker, done, progress, last=False) -> list[int]:
+    """Run cells ``which`` in one pool into ``done``; return those its broken
+    pool left (with ``last``, they are recorded as errors instead)."""
+    broken = []
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        futures = {i: pool.submit(worker, tasks[i][0].name, qualified(tasks[i][1]), examples)
+                   for i in which}
+        for i, future in futures.items():
+            try:
+                done[i] = future.result()
+            except BrokenProcessPool as error:
+                if not last:
+                    broken.append(i)
+                    continue
+                mutant, prop = tasks[i]
+                done[i] = Cell(mutant.name, qualified(prop), prop is mutant.prop, ERROR, 0, 0.0,
+                               f"its worker process died ({first_line(error)})")
+            if progress:
+                progress(done[i])
+    return broken
 
 
 # --- the report -------------------------------------------------------------------

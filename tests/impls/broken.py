@@ -24,3 +24,16 @@ def sharder_sleeping_forever(block, group):
 
 def installer_declining_everything(switch_glu):
     raise NotImplementedError("this installer fuses nothing yet")
+
+
+def matrix_worker_dying_on(mutant_name: str, prop_name: str, examples: int):
+    """A kill-matrix worker process that dies (no exception, no verdict) on
+    every cell of the mutant named by DSV4SHARD_TEST_DIE_ON, and runs the
+    others."""
+    import os
+
+    from dsv4shard.testing import matrix
+
+    if mutant_name == os.environ.get("DSV4SHARD_TEST_DIE_ON"):
+        os._exit(70)
+    return matrix._run_named(mutant_name, prop_name, examples)
