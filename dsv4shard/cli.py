@@ -162,6 +162,12 @@ def mutants(args) -> int:
     if args.jobs < 0:
         print("dsv4shard mutants: --jobs must be 0 (one per core) or more", file=sys.stderr)
         return 2
+    if args.part:
+        try:
+            args.part = matrix.parse_part(args.part)
+        except ValueError as error:
+            print(f"dsv4shard mutants: --part {error}", file=sys.stderr)
+            return 2
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         print(f"dsv4shard mutants: --json {args.json}: its folder does not exist",
               file=sys.stderr)
@@ -211,6 +217,10 @@ def main(argv=None) -> int:
                    help="worker processes (default: one per CPU core)")
     p.add_argument("--only", action="append", metavar="MUTANT",
                    help="run only this mutant (repeatable)")
+    p.add_argument("--part", metavar="K/N",
+                   help="run part K of N (every Nth mutant from the Kth, whole)")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="print the matrix of parts written with --json (runs nothing)")
     p.set_defaults(func=mutants)
     p = sub.add_parser("bench", help="fused against unfused experts on this backend: latency, "
                                      "launches, bytes, bandwidth against the peak, memory")

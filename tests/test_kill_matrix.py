@@ -44,6 +44,26 @@ def test_command_prints_the_matrix_and_writes_json(tmp_path, capsys):
     assert all(c["examples"] >= 1 and c["seconds"] >= 0 for c in result["cells"])
 
 
+def test_parts_run_apart_merge_into_one_matrix(tmp_path, capsys):
+    """A GPU machine lends 10 minutes a command: the matrix runs in parts of
+    whole mutants and is merged afterwards."""
+    two = ["--only", "np_epsilon", "--only", "np_two_sided_gate_clip", "--jobs", "1"]
+    ran = []
+    for k in (1, 2):
+        rc = main(["mutants", *two, "--part", f"{k}/2", "--json", str(tmp_path / f"{k}.json")])
+        assert rc == 0
+        ran.append({c["mutant"] for c in json.loads((tmp_path / f"{k}.json").read_text())["cells"]})
+    assert ran[0] and ran[1] and not ran[0] & ran[1]
+    capsys.readouterr()
+    assert main(["mutants", "--merge", str(tmp_path / "1.json"), str(tmp_path / "2.json")]) == 0
+    assert "- killed: 2 / 2 mutants" in capsys.readouterr().out
+    assert main(["mutants", "--part", "3/2"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    (tmp_path / "bad.json").write_text("{")
+    assert main(["mutants", "--merge", str(tmp_path / "bad.json")]) == 2
+    assert "not a matrix written by --json" in capsys.readouterr().err
+
+
 def test_a_survivor_is_reported_as_such():
     correct = Mutant("the_reference_itself", edges.clip_probes, s.clip_cases,
                      {"clipped_swiglu": ref.clipped_swiglu})

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -301,12 +302,17 @@ def main(args) -> int:
     from dsv4shard.testing.mutants import catalogue
 
     mutants = catalogue()
+    if getattr(args, "merge", None):
+        return merge_main(mutants, args.merge)
     if args.only:
         unknown = sorted(set(args.only) - {m.name for m in mutants})
         if unknown:
             print(f"dsv4shard mutants: unknown mutant(s) {unknown}")
             return 2
         mutants = [m for m in mutants if m.name in args.only]
+    if getattr(args, "part", None):
+        k, n = args.part
+        mutants = mutants[k - 1::n]  # whole mutants: each part's verdicts stand alone
     jobs = args.jobs or os.cpu_count() or 1
     start = time.perf_counter()
     total = sum(len(kin(m)) for m in mutants)
@@ -327,3 +333,40 @@ def main(args) -> int:
         with open(args.json, "w") as f:
             json.dump(to_json(mutants, cells, wall, args.examples), f, indent=2)
     return 1 if summary(mutants, cells, wall)["survived"] else 0
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``K/N`` (part K of N, 1 <= K <= N) as (K, N); ValueError saying why."""
+    try:
+        k, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not K/N (part K of N, e.g. 2/3)") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"{text!r}: K must lie in 1..N")
+    return k, n
+
+
+def merge_main(mutants, paths: list[str]) -> int:
+    """Print the matrix of parts run apart (``--part K/N --json F``): cells and
+    wall seconds summed; exit as one run would."""
+    by_name = {m.name: m for m in mutants}
+    cells, wall, examples = [], 0.0, None
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+            cells += [Cell(**c) for c in part["cells"]]
+            wall += float(part["summary"]["wall_seconds"])
+            examples = examples or part["summary"]["examples_per_cell"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"dsv4shard mutants: --merge {path}: not a matrix written by --json "
+                  f"({type(error).__name__}: {first_line(error)})", file=sys.stderr)
+            return 2
+    unknown = sorted({c.mutant for c in cells} - set(by_name))
+    if unknown:
+        print(f"dsv4shard mutants: --merge: mutant(s) not in this catalogue {unknown}",
+              file=sys.stderr)
+        return 2
+    ran = [m for m in mutants if any(c.mutant == m.name for c in cells)]
+    print(markdown(ran, cells, wall, examples or CI_EXAMPLES))
+    return 1 if summary(ran, cells, wall)["survived"] else 0
