@@ -874,6 +874,42 @@ def make_params(case: OpCase) -> dict:
     raise ValueError(f"no seeded arrays for {case.op!r}")
 
 
+def strides(a: mx.array) -> tuple[int, ...] | None:
+    """``a``'s strides in elements as MLX holds it (after evaluation), or
+    None where they cannot be read."""
+    try:
+        mx.eval(a)
+        view = memoryview(a)
+        return tuple(v // view.itemsize for v in view.strides)
+    except Exception:  # noqa: BLE001 - a layout we cannot read is not reported
+        return None
+
+
+def row_major(shape) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(tuple(shape)):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
+
+
+def layout_note(a: mx.array) -> str:
+    """`` strides (..)`` where ``a`` is not laid out row-major, size-1 axes
+    included (MLX's CUDA sorted gather_mm reads x by such a stride)."""
+    held = strides(a)
+    return "" if held is None or held == row_major(a.shape) else f" strides {held}"
+
+
+def axis_view(x) -> bool:
+    """Whether a size-1 axis of ``x`` (before its last) has a stride that
+    is not the row-major one: OpCase.x_axis_view."""
+    held = strides(x) if isinstance(x, mx.array) else None
+    if held is None:
+        return False
+    want = row_major(x.shape)
+    return any(n == 1 and held[i] != want[i] for i, n in enumerate(x.shape[:-1]))
+
+
 def case_of(op: str, params: dict) -> OpCase | None:
     """The OpCase of a recorded call: the same op, format, dtype and shapes
     (the values are the seed's, not the call's)."""
@@ -905,7 +941,8 @@ def case_of(op: str, params: dict) -> OpCase | None:
         return OpCase(op, dtype, x_shape, w_shape, mode, bits, group,
                       params.get("global_scale") is not None,
                       tuple(rhs.shape) if isinstance(rhs, mx.array) else None,
-                      bool(params.get("sorted_indices", False)), x_scale)
+                      bool(params.get("sorted_indices", False)), x_scale,
+                      x_axis_view=op in ("gather_mm", "gather_qmm") and axis_view(x))
     except Exception:  # noqa: BLE001 - a call we cannot describe gets no seeded reproducer
         return None
 
@@ -976,7 +1013,7 @@ class Finding:
         what = [self.label()]
         shapes = ", ".join(
             f"{n} {tuple(v.shape)}" + ("" if mx.issubdtype(v.dtype, mx.floating)
-                                       else f" {dtype_name(v.dtype)}")
+                                       else f" {dtype_name(v.dtype)}") + layout_note(v)
             for n, v in self.params.items()
             if isinstance(v, mx.array) and n != "global_scale" and v.ndim > 0)
         if shapes:

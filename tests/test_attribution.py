@@ -358,3 +358,22 @@ def test_the_record_changes_no_verdict_of_the_projects_own_code():
             with a.flight_recording():
                 kept = run(record, examples=2)
         assert kept.status == plain.status, (record.name, plain.detail, kept.detail)
+
+
+def test_a_calls_layout_is_kept_in_its_case_and_named_in_its_finding():
+    """MLX's CUDA sorted gather_mm reads x by the stride of its size-1 axis
+    (x[:, None, :], expand_dims): a recorded call's OpCase keeps that, and
+    its description names strides that are not row-major."""
+    rows = mx.array(np.arange(16 * 64, dtype=np.float32).reshape(16, 64))
+    w = mx.swapaxes(mx.ones((4, 72, 64)), -1, -2)  # as SwitchLinear passes it
+    idx = mx.zeros((16,), mx.uint32)
+    for x, view in ((mx.expand_dims(rows, 1), True), (rows.reshape(16, 1, 64), False),
+                    (mx.array(np.ones((16, 64), np.float32)[:, None, :]), True)):
+        params = {"a": x, "b": w, "rhs_indices": idx, "sorted_indices": True}
+        case = a.case_of("gather_mm", params)
+        assert case.x_axis_view is view, (case, a.strides(x))
+        assert ("strides" in a.layout_note(x)) is view
+        assert a.make_params(case)["a"].shape == x.shape
+        assert a.axis_view(a.make_params(case)["a"]) is view
+    assert a.layout_note(w) == " strides (4608, 1, 64)"
+    assert a.layout_note(mx.ones((3, 4))) == ""
