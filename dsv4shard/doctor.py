@@ -91,8 +91,11 @@ def cases(quick: bool = False, ops: tuple[str, ...] | None = None) -> list[OpCas
                 if not fmt.global_scale:  # quantized_matmul takes no global scale
                     out.extend(OpCase("quantized_matmul", dtype, (t, k), (n, k), **fields)
                                for t in tokens)
-                for sort in (False, True):
-                    out.extend(gather_case("gather_qmm", dtype, t, n, k, sort, fmt)
+                # Sorted, x contiguous and x's size-1 axis a view too: the
+                # layout MLX's CUDA sorted gather_mm reads wrong.
+                for sort, view in ((False, False), (True, False), (True, True)):
+                    out.extend(gather_case("gather_qmm", dtype, t, n, k, sort, fmt,
+                                           x_axis_view=view)
                                for t in tokens)
     for dtype in DTYPES:
         for n, k in shapes:

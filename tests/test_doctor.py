@@ -34,6 +34,8 @@ def test_the_map_holds_the_cuda_small_t_defect_and_every_format():
     for cases in (full, doctor.cases(quick=True)):
         made = {(c.sorted_indices, c.x_axis_view) for c in cases if c.op == "gather_mm"}
         assert made == {(False, False), (True, False), (False, True), (True, True)}
+        made = {(c.sorted_indices, c.x_axis_view) for c in cases if c.op == "gather_qmm"}
+        assert made == {(False, False), (True, False), (True, True)}
     for c in doctor.cases(quick=True):
         record = backend.known(c, "cuda") if c.op == "gather_mm" else None
         assert (record is not None) == (c.op == "gather_mm" and c.sorted_indices and c.x_axis_view)
