@@ -149,11 +149,15 @@ def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=Non
     worker = worker or _run_named
     done: dict[int, Cell] = {}
     left = _pooled(tasks, range(len(tasks)), examples, jobs, worker, done, progress)
-    # A pool whose worker died fails every cell still in it: each of those
-    # runs again in a pool of its own, so that only the one that dies again
-    # is charged with it.
-    for i in left:
-        _pooled(tasks, [i], examples, 1, worker, done, progress, last=True)
+    # A pool whose worker died fails every cell still in it.  Those run again
+    # in batches of ``jobs``, a pool each; the cells of a batch whose pool
+    # breaks again run one to a pool, so that only a cell that kills its
+    # worker is charged with it, and one crash costs one batch run singly,
+    # not the rest of the matrix.
+    for start in range(0, len(left), jobs):
+        batch = left[start:start + jobs]
+        for i in _pooled(tasks, batch, examples, jobs, worker, done, progress):
+            _pooled(tasks, [i], examples, 1, worker, done, progress, last=True)
     return [done[i] for i in range(len(tasks))]
 
 

@@ -90,11 +90,17 @@ class MoECase:
         return self.batch_shape or (self.n_tokens,)
 
 
+def unsorted_tokens(top_k: int) -> int:
+    """The most tokens SwitchGLU takes at ``top_k`` without sorting them (T * k
+    below the sort threshold); one at least, which sorts once k reaches it."""
+    return max(1, (SORT_THRESHOLD - 1) // top_k)
+
+
 def token_counts(top_k: int, side: str) -> st.SearchStrategy[int]:
     """Token counts putting indices.size = T * k below, at or above the sort
     threshold."""
     if side == "below":
-        return st.integers(1, max(1, (SORT_THRESHOLD - 1) // top_k))
+        return st.integers(1, unsorted_tokens(top_k))
     if side == "at" and SORT_THRESHOLD % top_k == 0:
         return st.just(SORT_THRESHOLD // top_k)
     low = math.ceil((SORT_THRESHOLD + 1) / top_k)
@@ -264,6 +270,7 @@ def shard_cases(draw, ranks: int | None = None, quantized: bool | None = None,
         step = unit * n
         top = max(1, 256 // step)
         allowed = [m for m in range(1, top + 1) if not cuts_contraction(fmt, unit * m)]
+        # Where nothing is cut, the draw is integers(1, top) as on any backend.
         units = (st.integers(1, top) if len(allowed) == top
                  else st.sampled_from(allowed or [2]))  # two groups a rank: never cut
         inter = step * draw(units, label="intermediate_units")

@@ -25,7 +25,7 @@ from dsv4shard.backend import cuts_sorting
 from dsv4shard.engine.outcome import NotApplicable
 from dsv4shard.testing import data, tolerance
 from dsv4shard.testing.report import fail
-from dsv4shard.testing.strategies import SORT_THRESHOLD, MoECase
+from dsv4shard.testing.strategies import MoECase, unsorted_tokens
 from dsv4shard.weights import DTYPES, build_block, read_weights, to_numpy
 
 
@@ -68,7 +68,7 @@ def block_output(block, case: MoECase, x, ids=None) -> np.ndarray:
     tokens may take the drawn count past the threshold."""
     if not cuts_sorting(case.quant):
         return to_numpy(block(x, ids))
-    chunk = max(1, (SORT_THRESHOLD - 1) // case.config.top_k)
+    chunk = unsorted_tokens(case.config.top_k)
     return np.concatenate([to_numpy(block(x[i:i + chunk], None if ids is None else
                                           ids[i:i + chunk]))
                            for i in range(0, x.shape[0], chunk)])
@@ -143,7 +143,7 @@ def sorted_matches_unsorted(case: MoECase, build=build_block):
     x, _, _, _ = inputs(case)
     indices = mx.array(data.make_indices(case), dtype=mx.int32)
     whole = to_numpy(block.switch_mlp(x, indices))
-    chunk = max(1, (SORT_THRESHOLD - 1) // case.config.top_k)
+    chunk = unsorted_tokens(case.config.top_k)
     parts = [to_numpy(block.switch_mlp(x[i:i + chunk], indices[i:i + chunk]))
              for i in range(0, case.n_tokens, chunk)]
     pieces = np.concatenate(parts)
