@@ -114,7 +114,11 @@ def test_declined_cases_are_skips_listed_in_the_session_summary(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rs")
     out = result.stdout.str()
     assert result.ret == 0, out
-    assert result.parseoutcomes() == {"passed": 1, "skipped": 1}, out
+    # Only the outcomes: the in-process session may add warnings of its own
+    # (modules this worker imported before, which it cannot rewrite).
+    outcomes = result.parseoutcomes()
+    assert (outcomes.get("passed"), outcomes.get("skipped"), outcomes.get("failed")) == \
+        (1, 1, None), out
     assert "declined by the implementation under test" in out, out
     assert "test_some: odd cases are not supported" in out, out
     assert "declined: nothing is supported" in out, out
