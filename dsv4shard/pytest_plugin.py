@@ -346,11 +346,22 @@ def hardware_pool(request):
 def pytest_runtest_call(item):
     """Each test's MLX calls are kept while it runs on a device other than
     ``mx.cpu`` (``attribution.flight_recording``), so that a failure is
-    judged on the failing run's own arrays; on ``mx.cpu`` nothing is kept."""
+    judged on the failing run's own arrays; on ``mx.cpu`` nothing is kept.
+    With ``DSV4SHARD_EXAMPLE_LOG`` set, each example of a hypothesis test is
+    timed, with its MLX operations (``dsv4shard.testing.example_log``)."""
     from dsv4shard.attribution import flight_recording
+    from dsv4shard.testing import example_log
 
-    with flight_recording():
-        yield
+    hypothesis = getattr(item.obj, "hypothesis", None) if example_log.path() else None
+    if hypothesis is not None:  # each example timed (DSV4SHARD_EXAMPLE_LOG)
+        inner = hypothesis.inner_test
+        hypothesis.inner_test = example_log.timed_test(item.nodeid, inner)
+    try:
+        with flight_recording():
+            yield
+    finally:
+        if hypothesis is not None:
+            hypothesis.inner_test = inner
 
 
 # --- the session summary ------------------------------------------------------------------

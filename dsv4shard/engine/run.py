@@ -20,7 +20,7 @@ from hypothesis.errors import HypothesisException, Unsatisfiable
 from dsv4shard.attribution import flight_recording
 from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import Property
-from dsv4shard.testing import report
+from dsv4shard.testing import example_log, report
 
 
 @dataclass
@@ -91,7 +91,8 @@ def run(prop: Property, impl: dict | None = None, *, subject: str = "", examples
         # The example's own MLX calls, for the attribution of its failure.
         with flight_recording():
             try:
-                detail = prop.fn(case, **impl)
+                with example_log.example(prop.name, case):
+                    detail = prop.fn(case, **impl)
             except HypothesisException:
                 raise
             except o.Minor as minor:
