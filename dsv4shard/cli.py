@@ -219,6 +219,9 @@ def main(argv=None) -> int:
                    help="run only this mutant (repeatable)")
     p.add_argument("--part", metavar="K/N",
                    help="run part K of N (every Nth mutant from the Kth, whole)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the cells the --json file holds (written after every "
+                        "cell, so a run cut short keeps them); a cell that errored runs again")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="print the matrix of parts written with --json (runs nothing)")
     p.set_defaults(func=mutants)

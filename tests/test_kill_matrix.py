@@ -64,6 +64,55 @@ def test_parts_run_apart_merge_into_one_matrix(tmp_path, capsys):
     assert "not a matrix written by --json" in capsys.readouterr().err
 
 
+def test_a_run_cut_short_keeps_its_cells_and_resume_goes_on(tmp_path, capsys, monkeypatch):
+    """The JSON is written after every cell, so a command stopped by a time
+    limit keeps what it ran; ``--resume`` runs only the cells it lacks, and a
+    merge of a cut file says which mutants have no verdict yet."""
+    out = tmp_path / "m.json"
+    only = ["--only", "np_bias_in_weights", "--jobs", "1", "--json", str(out)]
+    assert main(["mutants", *only]) == 0
+    whole = json.loads(out.read_text())
+    assert len(whole["cells"]) == 5, whole["cells"]
+    # As a run stopped after two cells leaves it (the listed cell is the first).
+    cut = {**whole, "cells": [{**c, "detail": f"kept {i}"} for i, c in
+                              enumerate(whole["cells"][:2])]}
+    out.write_text(json.dumps(cut))
+    capsys.readouterr()
+    assert main(["mutants", "--merge", str(out)]) == 0
+    assert "- killed: 1 / 1 mutants" in capsys.readouterr().out  # its listed cell caught it
+    missed_only = {**cut, "cells": [c for c in whole["cells"] if c["result"] == "missed"]}
+    assert missed_only["cells"]
+    (tmp_path / "missed.json").write_text(json.dumps(missed_only))
+    main(["mutants", "--merge", str(tmp_path / "missed.json")])
+    assert "not all cells run: np_bias_in_weights" in capsys.readouterr().out
+    assert main(["mutants", *only, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("] np_bias_in_weights x ") == 3 and "[3/5]" in err, err
+    resumed = json.loads(out.read_text())
+    assert len(resumed["cells"]) == 5
+    assert [c["detail"] for c in resumed["cells"][:2]] == ["kept 0", "kept 1"]
+    # A run killed at its third cell (as a time limit kills it) left two.
+    out.unlink()
+    ran = []
+    real_cell = matrix.run_cell
+
+    def stopped_at_third(*args):
+        if len(ran) == 2:
+            raise KeyboardInterrupt
+        ran.append(1)
+        return real_cell(*args)
+
+    monkeypatch.setattr(matrix, "run_cell", stopped_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(["mutants", *only])
+    assert len(json.loads(out.read_text())["cells"]) == 2
+    monkeypatch.undo()
+    assert main(["mutants", "--only", "np_epsilon", "--json", str(out), "--resume"]) == 2
+    assert "holds mutants this selection does not run" in capsys.readouterr().err
+    assert main(["mutants", "--only", "np_epsilon", "--resume"]) == 2
+    assert "needs --json FILE" in capsys.readouterr().err
+
+
 def test_a_survivor_is_reported_as_such():
     correct = Mutant("the_reference_itself", edges.clip_probes, s.clip_cases,
                      {"clipped_swiglu": ref.clipped_swiglu})

@@ -129,26 +129,29 @@ def _worker_init():
 
 
 def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=None,
-               worker=None) -> list[Cell]:
+               worker=None, have=()) -> list[Cell]:
     """Every cell of ``mutants`` x their kinds' properties, over ``jobs``
     processes (catalogue entries only: workers find them by name; one job
     runs any ``Mutant``); ``progress(cell)`` is called as each completes.
     A worker process that dies (a crash inside a kernel, the memory killer)
     costs its own cell only, an error saying so; the others still run.
+    ``have``: cells already run (a resumed run's), kept and not run again.
     ``worker``: what a worker process runs for a cell (tests)."""
     props = properties()
     tasks = [(m, p) for m in mutants for p in kin(m, props)]
+    kept = {(c.mutant, c.prop): c for c in have}
+    done: dict[int, Cell] = {i: kept[(m.name, qualified(p))] for i, (m, p) in enumerate(tasks)
+                             if (m.name, qualified(p)) in kept}
+    todo = [i for i in range(len(tasks)) if i not in done]
     if jobs <= 1 and worker is None:
-        cells = []
-        for mutant, prop in tasks:
-            cells.append(run_cell(mutant, prop, examples))
+        for i in todo:
+            done[i] = run_cell(*tasks[i], examples)
             if progress:
-                progress(cells[-1])
-        return cells
+                progress(done[i])
+        return [done[i] for i in range(len(tasks))]
     share_cores(jobs)
     worker = worker or _run_named
-    done: dict[int, Cell] = {}
-    left = _pooled(tasks, range(len(tasks)), examples, jobs, worker, done, progress)
+    left = _pooled(tasks, todo, examples, jobs, worker, done, progress)
     # A pool whose worker died fails every cell still in it.  Those run again
     # in batches of ``jobs``, a pool each; the cells of a batch whose pool
     # breaks again run one to a pool, so that only a cell that kills its
@@ -194,18 +197,21 @@ def verdicts(mutants, cells) -> dict[str, dict]:
     for m in mutants:
         mine = [c for c in cells if c.mutant == m.name]
         caught = [c for c in mine if c.result == CAUGHT]
-        own = next(c for c in mine if c.listed)
+        own = next((c for c in mine if c.listed), None)
         if caught:
             status = "killed"
+        elif own is None or len(mine) < len(kin(m)):  # a run cut short: no verdict yet
+            status = "incomplete"
         elif own.result == SKIPPED:
             status = "skipped"
         else:
             status = "survived"
         out[m.name] = {
-            "status": status, "family": m.family, "bug": m.bug, "property": own.prop,
-            "own_result": own.result, "own_examples": own.examples,
+            "status": status, "family": m.family, "bug": m.bug,
+            "property": qualified(m.prop), "own_result": own.result if own else "not run",
+            "own_examples": own.examples if own else 0,
             "caught_by": [c.prop for c in caught],
-            "skip_reason": own.detail if own.result == SKIPPED else "",
+            "skip_reason": own.detail if own and own.result == SKIPPED else "",
         }
     return out
 
@@ -219,6 +225,7 @@ def summary(mutants, cells, wall: float, examples: int = CI_EXAMPLES) -> dict:
         "killed": len(killed),
         "skipped": sorted(n for n, x in v.items() if x["status"] == "skipped"),
         "survived": sorted(n for n, x in v.items() if x["status"] == "survived"),
+        "incomplete": sorted(n for n, x in v.items() if x["status"] == "incomplete"),
         "median_examples_to_kill": statistics.median(own_kills) if own_kills else None,
         "max_examples_to_kill": max(own_kills) if own_kills else None,
         "cells": len(cells),
@@ -285,7 +292,9 @@ def markdown(mutants, cells, wall: float, examples: int = CI_EXAMPLES) -> str:
     lines += ["", "## Summary", "",
               f"- killed: {s['killed']} / {s['mutants']} mutants"
               + (f"; skipped on this backend: {', '.join(s['skipped'])}" if s["skipped"] else "")
-              + (f"; SURVIVED: {', '.join(s['survived'])}" if s["survived"] else ""),
+              + (f"; SURVIVED: {', '.join(s['survived'])}" if s["survived"] else "")
+              + (f"; not all cells run: {', '.join(s['incomplete'])}" if s["incomplete"]
+                 else ""),
               f"- examples to kill by the listed property: median {s['median_examples_to_kill']}"
               f", max {s['max_examples_to_kill']} (budget {examples} a cell, derandomized)",
               f"- cells: {s['cells']} ({s['cells_caught']} caught, {s['cells_missed']} missed, "
@@ -318,25 +327,69 @@ def main(args) -> int:
         k, n = args.part
         mutants = mutants[k - 1::n]  # whole mutants: each part's verdicts stand alone
     jobs = args.jobs or os.cpu_count() or 1
+    have, wall_before = [], 0.0
+    if getattr(args, "resume", False):
+        try:
+            have, wall_before = resumed(args.json, mutants, args.examples)
+        except ValueError as error:
+            print(f"dsv4shard mutants: --resume: {error}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     total = sum(len(kin(m)) for m in mutants)
-    done = []
+    done = list(have)
 
-    def progress(cell):  # one line a cell on stderr: the run is long
-        import sys
-
+    def progress(cell):  # one line a cell on stderr (the run is long), and the JSON so far
+        new = len(done) - len(have) + 1
         done.append(cell)
-        left = (total - len(done)) * sum(c.seconds for c in done) / len(done) / max(1, jobs)
+        per_cell = sum(c.seconds for c in done[len(have):]) / new
+        left = (total - len(done)) * per_cell / max(1, jobs)
         print(f"  [{len(done)}/{total}] {cell.mutant} x {cell.prop}: {cell.result} "
               f"({cell.seconds:.1f} s), about {left:.0f} s left", file=sys.stderr, flush=True)
+        if args.json:  # a run cut short keeps what it ran (--resume goes on from it)
+            write_json(args.json, mutants, done, wall_before + time.perf_counter() - start,
+                       args.examples)
 
-    cells = run_matrix(mutants, args.examples, jobs, progress)
-    wall = time.perf_counter() - start
+    cells = run_matrix(mutants, args.examples, jobs, progress, have=have)
+    wall = wall_before + time.perf_counter() - start
     print(markdown(mutants, cells, wall, args.examples))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(to_json(mutants, cells, wall, args.examples), f, indent=2)
+        write_json(args.json, mutants, cells, wall, args.examples)
     return 1 if summary(mutants, cells, wall)["survived"] else 0
+
+
+def write_json(path: str, mutants, cells, wall: float, examples: int) -> None:
+    """The matrix so far, replacing ``path`` whole (never half written)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_json(mutants, cells, wall, examples), f, indent=2)
+    os.replace(tmp, path)
+
+
+def resumed(path: str | None, mutants, examples: int) -> tuple[list[Cell], float]:
+    """The cells (and wall seconds) an earlier run of the same selection
+    left in ``path``; none where it does not exist yet.  ValueError where
+    it is not such a file."""
+    if not path:
+        raise ValueError("needs --json FILE: the file an earlier run wrote, and this one goes on")
+    if not os.path.exists(path):
+        return [], 0.0
+    try:
+        with open(path) as f:
+            part = json.load(f)
+        cells = [Cell(**c) for c in part["cells"]]
+        wall = float(part["summary"]["wall_seconds"])
+        ran_with = part["summary"]["examples_per_cell"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a matrix written by --json "
+                         f"({type(error).__name__}: {first_line(error)})") from None
+    if ran_with != examples:
+        raise ValueError(f"{path} ran {ran_with} examples a cell, this run {examples}")
+    names = {m.name for m in mutants}
+    other = sorted({c.mutant for c in cells} - names)
+    if other:
+        raise ValueError(f"{path} holds mutants this selection does not run: {other[:3]}")
+    # An error (a worker that died) is run again; every other result stands.
+    return [c for c in cells if c.result != ERROR], wall
 
 
 def parse_part(text: str) -> tuple[int, int]:
@@ -354,18 +407,21 @@ def merge_main(mutants, paths: list[str]) -> int:
     """Print the matrix of parts run apart (``--part K/N --json F``): cells and
     wall seconds summed; exit as one run would."""
     by_name = {m.name: m for m in mutants}
-    cells, wall, examples = [], 0.0, None
+    cells, wall, examples = {}, 0.0, None
     for path in paths:
         try:
             with open(path) as f:
                 part = json.load(f)
-            cells += [Cell(**c) for c in part["cells"]]
+            # A cell in two files (a part run again): the later file's stands.
+            cells.update({(c.mutant, c.prop): c for c in map(lambda d: Cell(**d),
+                                                               part["cells"])})
             wall += float(part["summary"]["wall_seconds"])
             examples = examples or part["summary"]["examples_per_cell"]
         except (OSError, ValueError, KeyError, TypeError) as error:
             print(f"dsv4shard mutants: --merge {path}: not a matrix written by --json "
                   f"({type(error).__name__}: {first_line(error)})", file=sys.stderr)
             return 2
+    cells = list(cells.values())
     unknown = sorted({c.mutant for c in cells} - set(by_name))
     if unknown:
         print(f"dsv4shard mutants: --merge: mutant(s) not in this catalogue {unknown}",
