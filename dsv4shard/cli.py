@@ -182,14 +182,7 @@ def version() -> str:
     return f"dsv4shard {v['dsv4shard']} (mlx {v['mlx']}, mlx-lm {v['mlx_lm']})"
 
 
-def main(argv=None) -> int:
-    from dsv4shard.testing.catch import CI_EXAMPLES
-
-    parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=version())
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="check implementations against the reference")
+def check_arguments(p) -> None:
     p.add_argument("--examples", type=int, default=50,
                    help="examples per property of the project's own (default %(default)s)")
     p.add_argument("--variant-examples", type=int, default=None, metavar="N",
@@ -208,8 +201,11 @@ def main(argv=None) -> int:
                    help="run the sharding properties against this sharder "
                         "(function(moe_block, group) -> block)")
     p.set_defaults(func=check)
-    p = sub.add_parser("mutants", help="the kill matrix: every known-bad implementation "
-                                       "against every property of its kind")
+
+
+def mutants_arguments(p) -> None:
+    from dsv4shard.testing.catch import CI_EXAMPLES
+
     p.add_argument("--json", help="also write the matrix to this file")
     p.add_argument("--examples", type=int, default=CI_EXAMPLES,
                    help="examples per cell (default: the ci profile's, %(default)s)")
@@ -225,18 +221,47 @@ def main(argv=None) -> int:
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="print the matrix of parts written with --json (runs nothing)")
     p.set_defaults(func=mutants)
-    p = sub.add_parser("bench", help="fused against unfused experts on this backend: latency, "
-                                     "launches, bytes, bandwidth against the peak, memory")
+
+
+def bench_arguments(p) -> None:
     from dsv4shard import bench
 
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
-    p = sub.add_parser("doctor", help="map this backend's MLX operations against mx.cpu and the "
-                                      "NumPy reference: which ones are wrong here")
+
+
+def doctor_arguments(p) -> None:
     from dsv4shard import doctor
 
     doctor.add_arguments(p)
     p.set_defaults(func=doctor.main)
+
+
+# The subcommands: (name, help, the function that adds its arguments).  Only
+# the chosen one's arguments are built, so that ``--help`` and ``--version``
+# import no MLX.
+COMMANDS = (
+    ("check", "check implementations against the reference", check_arguments),
+    ("mutants", "the kill matrix: every known-bad implementation against every property of "
+                "its kind", mutants_arguments),
+    ("bench", "fused against unfused experts on this backend: latency, launches, bytes, "
+              "bandwidth against the peak, memory", bench_arguments),
+    ("doctor", "map this backend's MLX operations against mx.cpu and the NumPy reference: "
+               "which ones are wrong here", doctor_arguments),
+)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="dsv4shard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=version())
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text, arguments in COMMANDS:
+        p = sub.add_parser(name, help=text)
+        if name == chosen:
+            arguments(p)
     args = parser.parse_args(argv)
     return args.func(args)
 
