@@ -23,34 +23,35 @@ settings.load_profile(
 
 
 # The tests that took longest on a GPU (seconds on one H200, 16 workers,
-# MLX's kernel cache warm: benchmarks/results/gpu-h200.md run 10, A and B),
+# MLX's kernel cache warm: benchmarks/results/gpu-h200.md run 13 B),
 # longest first: each opens one worker's share of the collection, so that
 # none starts late and ends the run alone (dsv4shard.testing.schedule).
 # On the CPU they are long too.
 STARTED_FIRST = (
-    "tests/test_backend_defects.py::test_cuda_affine_group_128",  # 75-100
-    "tests/test_known_bad.py::test_mutant_is_caught[hash_table_ignored]",  # 81-83
-    "tests/test_unfused.py::test_moe_matches_reference",  # 68-81
-    "tests/test_variants.py::test_conforming_variant_passes_every_check",  # 50-72
+    "tests/test_sharded.py::test_sharded_property[sharded_matches_unsharded]",  # 94
+    "tests/test_unfused.py::test_moe_matches_reference",  # 92
+    "tests/test_backend_defects.py::test_cuda_affine_group_128",  # 85
+    "tests/test_unfused.py::test_sorted_matches_unsorted",  # 72
+    "tests/test_known_bad.py::test_mutant_is_caught[router_epsilon]",  # 70
+    "tests/test_variants.py::test_conforming_variant_passes_every_check",  # 61
+    "tests/test_variants.py::test_deepseek_v41_is_reported_as_it_is",  # 58
     "tests/test_variants.py::test_adapter_drives_each_layout_and_names_its_departure"
-    "[ffn_switch_mlp.py]",  # 57-67
-    "tests/test_variants.py::test_deepseek_v41_is_reported_as_it_is",  # 58-65
-    "tests/test_unfused.py::test_sorted_matches_unsorted",  # 44-60
-    "tests/test_doctor.py::test_children_run_cases_and_known_defects_are_named",  # 50-53
-    "tests/test_cli.py::test_version_and_help_through_python_m",  # 42-52
-    "tests/test_sharded.py::test_sharded_property[sharded_matches_unsharded]",  # 48 (run 4)
-    "tests/test_known_bad.py::test_mutant_is_caught[router_epsilon]",  # 26-45
+    "[ffn_switch_mlp.py]",  # 58
+    "tests/test_doctor.py::test_children_run_cases_and_known_defects_are_named",  # 48
+    "tests/test_known_bad.py::test_mutant_is_caught[no_unsort]",  # 42
     "tests/test_fused.py::test_fused_property[fusion_keeps_bytes_and_round_trips_extended]",
-    "tests/test_known_bad.py::test_mutant_is_caught[no_unsort]",  # 24-38
-    "tests/test_known_bad.py::test_mutant_is_caught[shard_rank_dependent_routing]",  # 26-35
+    "tests/test_unfused.py::test_moe_matches_reference_at_extremes",  # 31
+    "tests/test_sharded.py::test_real_ranks_match_unsharded",  # 32 (27 of it setup)
+    "tests/test_variants.py::test_the_projects_own_block_sharding_and_fusion_conform",  # 26
+    "tests/test_known_bad.py::test_mutant_is_caught[no_unsort_vs_reference]",  # 25
     "tests/test_sharded_model.py::test_released_deepseek_v41_gives_the_unsharded_logits"
-    "[2-overrides0]",  # 28-34
-    "tests/test_variants.py::test_the_projects_own_block_sharding_and_fusion_conform",  # 25-34
-    "tests/test_sharded_model.py::test_rank0_sinks_everywhere_is_a_wrong_answer_in_attention",
-    "tests/test_known_bad.py::test_mutant_is_caught[softmax_for_sqrtsoftplus]",  # 25-32
-    "tests/test_third_party.py::test_three_real_ranks_run_and_a_rank_killed_mid_run_fails_fast",
+    "[2-overrides0]",  # 25
+    "tests/test_end_to_end.py::test_sharded_model_matches_unsharded",  # 25 (setup)
+    "tests/test_known_bad.py::test_mutant_is_caught[shard_rank_dependent_routing]",  # 24
     "tests/test_third_party.py::test_exo_style_installer_fails_first_on_its_sorted_path_and"
-    "_hidden_weights",  # 21-29
+    "_hidden_weights",  # 21
+    "tests/test_third_party.py::test_three_real_ranks_run_and_a_rank_killed_mid_run_fails_fast",
+    "tests/test_sharded_model.py::test_rank0_sinks_everywhere_is_a_wrong_answer_in_attention",
 )
 
 
