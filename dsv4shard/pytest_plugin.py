@@ -352,7 +352,8 @@ def pytest_runtest_call(item):
     from dsv4shard.attribution import flight_recording
     from dsv4shard.testing import example_log
 
-    hypothesis = getattr(item.obj, "hypothesis", None) if example_log.path() else None
+    hypothesis = (getattr(getattr(item, "obj", None), "hypothesis", None)
+                  if example_log.path() else None)
     if hypothesis is not None:  # each example timed (DSV4SHARD_EXAMPLE_LOG)
         inner = hypothesis.inner_test
         hypothesis.inner_test = example_log.timed_test(item.nodeid, inner)
