@@ -31,6 +31,18 @@ TIERS = {
     "test_hardware": "hardware",
     "test_variants": "variants",
     "test_known_bad": "known-bad twins",
+    "test_kill_matrix": "known-bad twins",
+    "test_power": "power (wrong answers rejected)",
+    "test_sharded_model": "real ranks",
+    "test_third_party": "third-party code",
+    "test_attribution": "attribution and doctor",
+    "test_doctor": "attribution and doctor",
+    "test_cli": "command and tooling",
+    "test_bench": "command and tooling",
+    "test_schedule": "command and tooling",
+    "test_kernel_cache": "command and tooling",
+    "test_example_log": "command and tooling",
+    "test_records": "command and tooling",
 }
 
 DURATION = re.compile(r"^\s*([\d.]+)s (call|setup|teardown)\s+(\S+)")
