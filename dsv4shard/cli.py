@@ -218,6 +218,9 @@ def mutants_arguments(p) -> None:
     p.add_argument("--resume", action="store_true",
                    help="go on from the cells the --json file holds (written after every "
                         "cell, so a run cut short keeps them); a cell that errored runs again")
+    p.add_argument("--listed-first", action="store_true",
+                   help="run each mutant's listed cell first, and the rest of its kind only "
+                        "where that cell did not catch it: the verdicts, not the whole matrix")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="print the matrix of parts written with --json (runs nothing)")
     p.set_defaults(func=mutants)

@@ -113,6 +113,33 @@ def test_a_run_cut_short_keeps_its_cells_and_resume_goes_on(tmp_path, capsys, mo
     assert "needs --json FILE" in capsys.readouterr().err
 
 
+def test_listed_first_runs_the_rest_of_a_kind_only_where_the_listed_cell_missed(
+        monkeypatch, capsys):
+    """``--listed-first``: the kill verdicts in a sixth of the cells.  A
+    mutant its listed cell catches runs nothing more; one it does not runs
+    the rest of its kind, where another property may kill it."""
+    from dsv4shard.testing import mutants
+    from dsv4shard.testing.mutants import router
+
+    by_name = {m.name: m for m in catalogue()}
+    # Listed with a property that cannot see it: hash_ignores_bias draws hash
+    # layers, where the weights are not renormalised by score at all.
+    elsewhere = Mutant("renormalisation_listed_elsewhere", edges.hash_ignores_bias,
+                       lambda: s.moe_cases(quantized=False),
+                       {"route": router.route_no_renormalisation})
+    monkeypatch.setattr(mutants, "catalogue", lambda: [elsewhere, by_name["np_epsilon"]])
+    assert main(["mutants", "--listed-first", "--jobs", "1"]) == 0
+    out, err = capsys.readouterr()
+    ran = [line.split("] ", 1)[1].split(":")[0] for line in err.splitlines() if "] " in line]
+    # Every listed cell before any other.
+    assert ran[:2] == ["renormalisation_listed_elsewhere x reference_edges.hash_ignores_bias",
+                       "np_epsilon x reference_edges.all_zero_scores_give_nan"], ran
+    rest = {matrix.qualified(p) for p in matrix.kin(elsewhere)[1:]}
+    assert {r.split(" x ")[1] for r in ran[2:]} == rest and len(ran) == 2 + len(rest), ran
+    assert "- killed: 2 / 2 mutants" in out, out
+    assert "killed by reference_edges.renormalisation_rule" in out, out
+
+
 def test_a_survivor_is_reported_as_such():
     correct = Mutant("the_reference_itself", edges.clip_probes, s.clip_cases,
                      {"clipped_swiglu": ref.clipped_swiglu})

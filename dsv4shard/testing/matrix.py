@@ -129,16 +129,18 @@ def _worker_init():
 
 
 def run_matrix(mutants, examples: int = CI_EXAMPLES, jobs: int = 1, progress=None,
-               worker=None, have=()) -> list[Cell]:
+               worker=None, have=(), listed_only: bool = False) -> list[Cell]:
     """Every cell of ``mutants`` x their kinds' properties, over ``jobs``
     processes (catalogue entries only: workers find them by name; one job
     runs any ``Mutant``); ``progress(cell)`` is called as each completes.
     A worker process that dies (a crash inside a kernel, the memory killer)
     costs its own cell only, an error saying so; the others still run.
     ``have``: cells already run (a resumed run's), kept and not run again.
+    ``listed_only``: each mutant's listed cell alone.
     ``worker``: what a worker process runs for a cell (tests)."""
     props = properties()
-    tasks = [(m, p) for m in mutants for p in kin(m, props)]
+    tasks = [(m, p) for m in mutants for p in (kin(m, props)[:1] if listed_only
+                                                else kin(m, props))]
     kept = {(c.mutant, c.prop): c for c in have}
     done: dict[int, Cell] = {i: kept[(m.name, qualified(p))] for i, (m, p) in enumerate(tasks)
                              if (m.name, qualified(p)) in kept}
@@ -335,21 +337,35 @@ def main(args) -> int:
             print(f"dsv4shard mutants: --resume: {error}", file=sys.stderr)
             return 2
     start = time.perf_counter()
-    total = sum(len(kin(m)) for m in mutants)
+    listed_first = getattr(args, "listed_first", False)
+    plan = {"total": len(mutants) if listed_first else sum(len(kin(m)) for m in mutants)}
     done = list(have)
 
     def progress(cell):  # one line a cell on stderr (the run is long), and the JSON so far
         new = len(done) - len(have) + 1
         done.append(cell)
         per_cell = sum(c.seconds for c in done[len(have):]) / new
-        left = (total - len(done)) * per_cell / max(1, jobs)
-        print(f"  [{len(done)}/{total}] {cell.mutant} x {cell.prop}: {cell.result} "
+        left = max(0, plan["total"] - len(done)) * per_cell / max(1, jobs)
+        print(f"  [{len(done)}/{plan['total']}] {cell.mutant} x {cell.prop}: {cell.result} "
               f"({cell.seconds:.1f} s), about {left:.0f} s left", file=sys.stderr, flush=True)
         if args.json:  # a run cut short keeps what it ran (--resume goes on from it)
             write_json(args.json, mutants, done, wall_before + time.perf_counter() - start,
                        args.examples)
 
-    cells = run_matrix(mutants, args.examples, jobs, progress, have=have)
+    if listed_first:
+        # Each mutant's listed cell first: the kill verdicts in a sixth of
+        # the cells.  Only a mutant that cell did not catch runs the rest of
+        # its kind, to see whether another property kills it.
+        firsts = run_matrix(mutants, args.examples, jobs, progress, have=have,
+                            listed_only=True)
+        caught = {c.mutant for c in firsts if c.result == CAUGHT}
+        rest = [m for m in mutants if m.name not in caught]
+        plan["total"] = len(mutants) + sum(len(kin(m)) - 1 for m in rest)
+        cells = firsts + [c for c in run_matrix(rest, args.examples, jobs, progress,
+                                                have=list(have) + firsts)
+                          if not c.listed]
+    else:
+        cells = run_matrix(mutants, args.examples, jobs, progress, have=have)
     wall = wall_before + time.perf_counter() - start
     print(markdown(mutants, cells, wall, args.examples))
     if args.json:
