@@ -17,12 +17,19 @@ nothing; Metal keeps no such cache) unless ``DSV4SHARD_KERNEL_CACHE`` names
 the shared directory (so the mechanics run anywhere), nor with
 ``DSV4SHARD_KERNEL_CACHE=off``.
 
-MLX keeps PTX; the CUDA driver compiles it for the GPU on each load and
-keeps that in its own cache (``~/.nv/ComputeCache``), whose default size
-(1 GiB) a whole run fills: on an H200 one run left 1023 MiB there, and a
-second run on the same machine was no faster than the first.  So the
-driver's cache may grow to its largest size, 4 GiB (``CUDA_CACHE_MAXSIZE``,
-unless set already; it is read when CUDA starts, before MLX is imported).
+Between tests a process syncs (:func:`sync`): it hands over what it
+compiled and takes what the others handed over, so that a kernel is
+compiled about once a run, not once in every worker that needs it.  A
+process killed before it could hand over (a run stopped by a time limit)
+leaves its directory behind; the next process to start hands that over
+before removing it.
+
+The binaries MLX keeps are compiled for the GPU already (``NAME.ptx`` holds
+an ELF cubin for the device's architecture; seen with MLX 0.32.4 on an
+H200).  The CUDA driver keeps its own cache of what it compiles from PTX
+(``~/.nv/ComputeCache``), and a run there filled its 1 GiB default, so it
+may grow to its largest size, 4 GiB (``CUDA_CACHE_MAXSIZE``, unless set
+already; it is read when CUDA starts, before MLX is imported).
 """
 
 from __future__ import annotations
@@ -63,8 +70,10 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def seed(shared: str, private: str) -> int:
-    """Link ``shared``'s complete entries into ``private``; how many."""
-    names = _entries(shared)
+    """Link ``shared``'s complete entries that ``private`` lacks into it; how
+    many (an entry ``private`` has already is never touched)."""
+    have = set(_entries(private))
+    names = [n for n in _entries(shared) if n not in have]
     for name in names:
         for ext in (".txt", ".ptx"):
             try:
@@ -106,8 +115,11 @@ def publish(private: str, shared: str) -> int:
     return done
 
 
-def _remove_stale(root: str) -> None:
-    """Private directories of processes that died without publishing."""
+def _remove_stale(root: str, shared: str | None = None) -> None:
+    """Private directories of processes that died without publishing: what
+    they compiled is handed to ``shared`` first (a run stopped by a time
+    limit kills its workers; MLX writes an entry's names after its binary,
+    so a complete entry is a whole one), then they are removed."""
     try:
         names = os.listdir(root)
     except OSError:
@@ -119,6 +131,11 @@ def _remove_stale(root: str) -> None:
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
+            if shared:
+                try:
+                    publish(os.path.join(root, name), shared)
+                except OSError:
+                    pass
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         except OSError:
             pass
@@ -130,13 +147,27 @@ def make_private(shared: str) -> str:
     os.makedirs(shared, exist_ok=True)
     root = os.path.join(tempfile.gettempdir(), _PRIVATE_ROOT)
     os.makedirs(root, exist_ok=True)
-    _remove_stale(root)
+    _remove_stale(root, shared)
     private = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root)
     seed(shared, private)
     os.environ[SHARED_ENV] = shared
     os.environ["MLX_PTX_CACHE_DIR"] = private
     _state.update(shared=shared, private=private)
     return private
+
+
+def sync() -> tuple[int, int]:
+    """Between two tests (or cells, or rank jobs): hand the shared cache what
+    this process compiled, and take what the others handed it meanwhile, so
+    that a kernel is compiled about once a run, not once a process; (handed,
+    taken).  A no-op without a private cache."""
+    shared, private = _state.get("shared"), _state.get("private")
+    if not private:
+        return 0, 0
+    try:
+        return publish(private, shared), seed(shared, private)
+    except OSError:  # the cache is an economy
+        return 0, 0
 
 
 def finish() -> None:

@@ -371,6 +371,14 @@ def pytest_runtest_call(item):
 _DECLINED: list[tuple[str, str]] = []
 
 
+def pytest_runtest_logfinish(nodeid, location):
+    """After each test, this process and the others share the kernels each
+    compiled (``dsv4shard.kernel_cache.sync``; nothing off MLX's CUDA build)."""
+    from dsv4shard import kernel_cache
+
+    kernel_cache.sync()
+
+
 def pytest_runtest_logreport(report):
     if report.when != "call":
         return

@@ -125,3 +125,73 @@ def test_the_drivers_own_cache_may_grow_unless_the_user_said_otherwise():
     assert seen() == str(4 << 30)
     assert seen(CUDA_CACHE_MAXSIZE="123") == "123"
     assert seen(**{kernel_cache.SHARED_ENV: "off"}) == "None"
+
+
+def test_sync_hands_over_and_takes_without_touching_what_it_has(tmp_path, monkeypatch):
+    """Between tests each process hands the shared cache what it compiled
+    and takes what the others handed over: a kernel compiled once a run."""
+    shared, private = str(tmp_path / "shared"), str(tmp_path / "private")
+    entry(shared, "theirs_early")
+    monkeypatch.setitem(kernel_cache._state, "shared", shared)
+    monkeypatch.setitem(kernel_cache._state, "private", private)
+    os.makedirs(private)
+    kernel_cache.seed(shared, private)
+    entry(private, "mine", binary=b"compiled here")
+    entry(shared, "theirs_later", binary=b"compiled there")
+    # The shared copy replaced meanwhile (as a rename does): the private one,
+    # which MLX may have loaded, stays as it was.
+    with open(tmp_path / "replacement", "wb") as f:
+        f.write(b"replaced")
+    os.replace(tmp_path / "replacement", os.path.join(shared, "theirs_early.ptx"))
+    assert kernel_cache.sync() == (1, 1)
+    assert kernel_cache._entries(shared) == ["mine", "theirs_early", "theirs_later"]
+    assert kernel_cache._entries(private) == ["mine", "theirs_early", "theirs_later"]
+    with open(os.path.join(private, "theirs_later.ptx"), "rb") as f:
+        assert f.read() == b"compiled there"
+    with open(os.path.join(private, "theirs_early.ptx"), "rb") as f:
+        assert f.read() == b"\x7fELF kernel"  # left be
+    assert kernel_cache.sync() == (0, 0)
+    monkeypatch.delitem(kernel_cache._state, "private")
+    assert kernel_cache.sync() == (0, 0)  # no private cache: nothing to do
+
+
+def test_what_a_killed_process_compiled_is_handed_over_by_the_next(tmp_path, monkeypatch):
+    """A run stopped by a time limit kills its workers before they hand
+    over; the next process to start hands their complete entries over."""
+    monkeypatch.setattr(kernel_cache.tempfile, "tempdir", str(tmp_path))
+    root = tmp_path / "dsv4shard-kernels"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+    entry(str(root / f"{dead}-abc"), "compiled_before_the_kill")
+    entry(str(root / f"{dead}-abc"), "being_written", names=None)  # its names never came
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", "unchanged")
+    monkeypatch.delenv(kernel_cache.SHARED_ENV, raising=False)
+    shared = str(tmp_path / "shared")
+    private = kernel_cache.make_private(shared)
+    try:
+        assert kernel_cache._entries(shared) == ["compiled_before_the_kill"]
+        assert not os.path.exists(os.path.join(shared, "being_written.ptx"))
+        assert kernel_cache._entries(private) == ["compiled_before_the_kill"]
+        assert not (root / f"{dead}-abc").exists()
+    finally:
+        kernel_cache.finish()
+
+
+def test_a_pytest_worker_shares_its_kernels_after_each_test(tmp_path):
+    """The plugin syncs after every test: a kernel compiled in one test is
+    in the shared cache before the session ends."""
+    shared = tmp_path / "shared"
+    test = tmp_path / "test_compiles.py"
+    test.write_text(
+        "import os\n"
+        "def test_compiles():\n"
+        "    d = os.environ['MLX_PTX_CACHE_DIR']\n"
+        "    open(os.path.join(d, 'k.txt'), 'w').write('k')\n"
+        "    open(os.path.join(d, 'k.ptx'), 'wb').write(b'bin')\n"
+        "def test_sees_it_shared():\n"
+        f"    assert os.path.exists({str(shared / 'k.ptx')!r})\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", str(test)], cwd=tmp_path,
+                          env={**os.environ, kernel_cache.SHARED_ENV: str(shared)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -13,7 +13,7 @@ import traceback
 import mlx.core as mx
 import numpy as np
 
-from dsv4shard import impl
+from dsv4shard import impl, kernel_cache
 from dsv4shard.backend import on_model_device
 from dsv4shard.ranks import wire
 
@@ -202,6 +202,7 @@ def main() -> None:
         except Exception:
             answer = {"error": traceback.format_exc()}
         answer.update(rank=group.rank(), size=group.size())
+        kernel_cache.sync()  # the kernels this job compiled, for the other processes
         out.write(wire.dumps(answer))
 
 

@@ -109,9 +109,14 @@ def run_cell(mutant, prop, examples: int = CI_EXAMPLES) -> Cell:
 
 def _run_named(mutant_name: str, prop_name: str, examples: int) -> Cell:
     """``run_cell`` in a worker process, by names (catalogue entries only)."""
+    from dsv4shard import kernel_cache
+
     mutant = _lookup(mutant_name)
     prop = next(p for p in kin(mutant, properties()) if qualified(p) == prop_name)
-    return run_cell(mutant, prop, examples)
+    try:
+        return run_cell(mutant, prop, examples)
+    finally:
+        kernel_cache.sync()  # the kernels this cell compiled, for the other workers
 
 
 def qualified(prop) -> str:
