@@ -73,13 +73,6 @@ def size_of(path: str) -> int:
     return total
 
 
-def kernels_in(path: str) -> int:
-    try:
-        return sum(f.endswith(".ptx") for f in os.listdir(path))
-    except OSError:
-        return 0
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=3)
@@ -94,7 +87,7 @@ def main(argv=None) -> int:
     print(f"MLX {mx.__version__}, device {mx.default_device()}; MLX's kernel cache {mlx_cache}, "
           f"the driver's {driver}")
     for p in range(args.processes):
-        before = (kernels_in(mlx_cache), size_of(driver))
+        before = (len(kernel_cache._entries(mlx_cache)), size_of(driver))
         start = time.perf_counter()
         # MLX's own cache directory, as a process outside the suite uses it
         # (importing dsv4shard gave this one a private copy).
@@ -106,7 +99,7 @@ def main(argv=None) -> int:
             print(f"process {p + 1}: failed: {proc.stderr.strip().splitlines()[-1:]}")
             return 1
         calls = json.loads(proc.stdout.strip().splitlines()[-1])
-        after = (kernels_in(mlx_cache), size_of(driver))
+        after = (len(kernel_cache._entries(mlx_cache)), size_of(driver))
         print(f"\nprocess {p + 1}: {wall:.1f} s; MLX's cache {before[0]} -> {after[0]} kernels, "
               f"the driver's {before[1] / 2**20:.0f} -> {after[1] / 2**20:.0f} MiB; first calls "
               f"{sum(c['first'] for c in calls):.2f} s, repeats "

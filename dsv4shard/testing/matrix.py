@@ -386,6 +386,19 @@ def write_json(path: str, mutants, cells, wall: float, examples: int) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str) -> tuple[list[Cell], float, int]:
+    """The cells, wall seconds and examples a cell of a file ``--json``
+    wrote; ValueError naming the file where it is not one."""
+    try:
+        with open(path) as f:
+            part = json.load(f)
+        return ([Cell(**c) for c in part["cells"]], float(part["summary"]["wall_seconds"]),
+                part["summary"]["examples_per_cell"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a matrix written by --json "
+                         f"({type(error).__name__}: {first_line(error)})") from None
+
+
 def resumed(path: str | None, mutants, examples: int) -> tuple[list[Cell], float]:
     """The cells (and wall seconds) an earlier run of the same selection
     left in ``path``; none where it does not exist yet.  ValueError where
@@ -394,15 +407,7 @@ def resumed(path: str | None, mutants, examples: int) -> tuple[list[Cell], float
         raise ValueError("needs --json FILE: the file an earlier run wrote, and this one goes on")
     if not os.path.exists(path):
         return [], 0.0
-    try:
-        with open(path) as f:
-            part = json.load(f)
-        cells = [Cell(**c) for c in part["cells"]]
-        wall = float(part["summary"]["wall_seconds"])
-        ran_with = part["summary"]["examples_per_cell"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a matrix written by --json "
-                         f"({type(error).__name__}: {first_line(error)})") from None
+    cells, wall, ran_with = read_json(path)
     if ran_with != examples:
         raise ValueError(f"{path} ran {ran_with} examples a cell, this run {examples}")
     names = {m.name for m in mutants}
@@ -431,17 +436,14 @@ def merge_main(mutants, paths: list[str]) -> int:
     cells, wall, examples = {}, 0.0, None
     for path in paths:
         try:
-            with open(path) as f:
-                part = json.load(f)
-            # A cell in two files (a part run again): the later file's stands.
-            cells.update({(c.mutant, c.prop): c for c in map(lambda d: Cell(**d),
-                                                               part["cells"])})
-            wall += float(part["summary"]["wall_seconds"])
-            examples = examples or part["summary"]["examples_per_cell"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            print(f"dsv4shard mutants: --merge {path}: not a matrix written by --json "
-                  f"({type(error).__name__}: {first_line(error)})", file=sys.stderr)
+            part_cells, part_wall, part_examples = read_json(path)
+        except ValueError as error:
+            print(f"dsv4shard mutants: --merge {error}", file=sys.stderr)
             return 2
+        # A cell in two files (a part run again): the later file's stands.
+        cells.update({(c.mutant, c.prop): c for c in part_cells})
+        wall += part_wall
+        examples = examples or part_examples
     cells = list(cells.values())
     unknown = sorted({c.mutant for c in cells} - set(by_name))
     if unknown:
