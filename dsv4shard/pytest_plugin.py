@@ -365,18 +365,18 @@ def pytest_runtest_call(item):
             hypothesis.inner_test = inner
 
 
-# --- the session summary ------------------------------------------------------------------
-
-
-_DECLINED: list[tuple[str, str]] = []
-
-
 def pytest_runtest_logfinish(nodeid, location):
     """After each test, this process and the others share the kernels each
     compiled (``dsv4shard.kernel_cache.sync``; nothing off MLX's CUDA build)."""
     from dsv4shard import kernel_cache
 
     kernel_cache.sync()
+
+
+# --- the session summary ------------------------------------------------------------------
+
+
+_DECLINED: list[tuple[str, str]] = []
 
 
 def pytest_runtest_logreport(report):
