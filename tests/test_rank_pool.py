@@ -1,6 +1,10 @@
 """The rank pool itself: real processes, bounded failures, nothing left behind."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -23,6 +27,55 @@ def test_a_dead_or_hung_rank_fails_within_bounded_time(how):
     message = str(failure.value)
     assert "rank 1" in message and "stderr" in message
     assert all(p.poll() is not None for p in pool.procs), "a rank process was left running"
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie left for a container's
+    init to reap has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+# A test process that starts two ranks, prints their pids, and sends them a
+# job in which rank 1 sleeps and rank 0 waits for it in a collective:
+# neither reads its stdin again.
+_KILLED_MID_JOB = """
+from dsv4shard.ranks import hostfile as hf
+from dsv4shard.ranks.pool import RankPool
+pool = RankPool(hf.local(2), timeout=600).start()
+print(" ".join(str(p.pid) for p in pool.procs), flush=True)
+pool.run({"task": "die", "rank": 1, "how": "hang"})
+"""
+
+
+@pytest.mark.slow
+def test_ranks_exit_when_their_test_process_is_killed():
+    test_process = subprocess.Popen([sys.executable, "-c", _KILLED_MID_JOB],
+                                    stdout=subprocess.PIPE, text=True)
+    try:
+        ranks = [int(p) for p in test_process.stdout.readline().split()]
+        assert len(ranks) == 2, "the test process did not start its ranks"
+        time.sleep(1.0)  # the job is in the ranks' hands
+    finally:
+        test_process.kill()
+        test_process.wait()
+        test_process.stdout.close()
+    deadline = time.monotonic() + 15
+    while any(map(_running, ranks)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in ranks if _running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"rank processes {left} outlived their test process by 15 s"
 
 
 def test_the_group_is_really_multi_rank():

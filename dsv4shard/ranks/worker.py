@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 import traceback
 
 import mlx.core as mx
@@ -81,8 +83,6 @@ def run_die(job: dict, group) -> dict:
     """For the pool's own tests: this rank exits, or hangs, on request."""
     if group.rank() == job.get("rank", 1):
         if job.get("how") == "hang":
-            import time
-
             time.sleep(3600)
         os._exit(3)
     y = mx.distributed.all_sum(mx.ones((4,)), group=group)  # waits on the dead rank
@@ -184,7 +184,24 @@ def forget_launch_files() -> None:
             pass
 
 
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """Exit once the process that started this rank is gone.  A test
+    process killed by a time limit closes this rank's stdin, but a rank
+    that is joining its group, or waiting in a collective for a peer that
+    died with it, never reads again; left running, it holds a GPU context
+    and gigabytes of memory that the next run finds taken."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and parent != 1:
+            time.sleep(poll_s)
+        os._exit(4)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def main() -> None:
+    exit_with_parent()
     out = protocol_stream()
     backend = os.environ.get("DSV4SHARD_BACKEND", "ring")
     group = mx.distributed.init(backend=backend, strict=True)
