@@ -35,6 +35,22 @@ def name() -> str:
 TF32_BACKENDS = ("cuda",)
 
 
+# Backends that compile a kernel the first time a process meets its
+# template: MLX's CUDA build compiles each quantized or gathered matmul
+# (dtype x row tile x bits x group x mode x path) with NVRTC, about 30 s
+# apiece on an H200 (benchmarks/results/gpu-h200.md, run 15: the first
+# evaluations of a cold run took 578.6 s in all, their repeats 13.8 s).
+# Metal's kernels come built with MLX; the CPU build compiles nothing.
+COMPILING_BACKENDS = ("cuda",)
+
+
+def compiles_kernels(where: str | None = None) -> bool:
+    """Whether ``where`` (default: the running backend) compiles each kernel
+    on first use, at a cost that the set of drawn cases must bound
+    (``strategies.KERNEL_SET``)."""
+    return (where or name()) in COMPILING_BACKENDS
+
+
 def tf32_matmuls(where: str | None = None) -> bool:
     """Whether float32 matmuls on ``where`` (default: the running backend)
     round their operands to TF32."""

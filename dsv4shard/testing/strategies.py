@@ -14,6 +14,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from dsv4shard.backend import (
+    compiles_kernels,
     cuts_contraction,
     cuts_sorting,
     float16_code_overflow,
@@ -34,16 +35,54 @@ INDEX_PATTERNS = ("router", "one_expert", "mostly_idle", "all_experts", "hash")
 HASH_PATTERNS = ("all_experts", "hash")
 
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+# The formats, each in one activation dtype, that the block's cases keep to
+# on a backend compiling every kernel on first use (backend.compiles_kernels:
+# MLX's CUDA build, ~30 s a kernel).  Every format in every dtype would be
+# some 60 (format, dtype) pairs, each a few kernels (row tiles, paths): more
+# compiling than a run has time for, and a cut run leaves the next to
+# compile again.  This set is 14 pairs: DeepSeek-V4's checkpoint formats
+# (the variants' bfloat16 among them), and every mode, bits value and group
+# of MLX's, each dtype drawn with affine and a float format.  Group 128 is
+# here for the backends that run it (MLX's CUDA build does not:
+# backend.py's cuda-affine-group-128).  Elsewhere (the CPU build, Metal)
+# every pair is drawn.
+KERNEL_SET: dict[QuantFormat, str] = {
+    QuantFormat("mxfp4", 32, 4): "bfloat16",
+    QuantFormat("affine", 32, 4): "bfloat16",
+    QuantFormat("affine", 32, 6): "bfloat16",
+    QuantFormat("affine", 32, 8): "bfloat16",
+    QuantFormat("affine", 64, 4): "float16",
+    QuantFormat("affine", 64, 8): "float16",
+    QuantFormat("affine", 64, 6): "float32",
+    QuantFormat("affine", 32, 2): "float16",
+    QuantFormat("affine", 64, 3): "float32",
+    QuantFormat("affine", 32, 5): "float32",
+    QuantFormat("affine", 128, 4): "float32",
+    QuantFormat("mxfp8", 32, 8): "float32",
+    QuantFormat("nvfp4", 16, 4): "float16",
+    QuantFormat("nvfp4", 16, 4, global_scale=True): "bfloat16",
+}
+
+
+def kernel_formats(formats) -> list[QuantFormat]:
+    """``formats``, less those outside :data:`KERNEL_SET` on a backend that
+    compiles its kernels (all of them elsewhere, or where none is in it: a
+    test that asks for one format on purpose gets it)."""
+    formats = list(formats)
+    if not compiles_kernels():
+        return formats
+    return [f for f in formats if f in KERNEL_SET] or formats
+
+
 def quant_formats(global_scale: bool = True) -> st.SearchStrategy[QuantFormat]:
     """Formats the running backend computes in at least one dtype (a global
     scale only where ``global_scale``); ``backend.unsupported`` says why the
     others are left out, and tests/test_backend_defects.py shows it."""
     formats = [f for f in QUANT_FORMATS if (global_scale or not f.global_scale)
                and (f.global_scale or any(unsupported(f, d) is None for d in DTYPE_NAMES))]
-    return st.sampled_from(formats)
-
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+    return st.sampled_from(kernel_formats(formats))
 
 
 @dataclass(frozen=True)
@@ -136,6 +175,9 @@ def dtypes_for(quant: QuantFormat | None) -> st.SearchStrategy[str]:
     compute (``dsv4shard.backend.unsupported`` says why; the tests of that
     module show each such defect)."""
     supported = [d for d in DTYPE_NAMES if unsupported(quant, d) is None]
+    pinned = KERNEL_SET.get(quant) if compiles_kernels() else None
+    if pinned and (pinned in supported or not supported):
+        supported = [pinned]  # the kernel set's dtype (a defect's, if none runs)
     # A test that asks for an unsupported format on purpose (to show the
     # defect, tests/test_backend_defects.py) still gets cases.
     return st.sampled_from(supported or list(DTYPE_NAMES))
@@ -150,7 +192,8 @@ def moe_cases(draw, *, quantized: bool | None = None, global_scale: bool = False
     lets the routed experts carry linear biases (drawn)."""
     if quantized is None:
         quantized = formats is not None or draw(st.booleans(), label="quantized")
-    formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
+    formats_drawn = (st.sampled_from(kernel_formats(formats)) if formats
+                     else quant_formats(global_scale))
     quant = draw(formats_drawn, label="quant") if quantized else None
     config = draw(moe_configs(quant=quant, max_experts=max_experts, inter_sizes=inter_sizes),
                   label="config")
@@ -248,7 +291,8 @@ def shard_cases(draw, ranks: int | None = None, quantized: bool | None = None,
     group) instead.  ``linear_bias``: may draw linear biases."""
     if quantized is None:
         quantized = formats is not None or draw(st.booleans(), label="quantized")
-    formats_drawn = st.sampled_from(formats) if formats else quant_formats(global_scale)
+    formats_drawn = (st.sampled_from(kernel_formats(formats)) if formats
+                     else quant_formats(global_scale))
     fmt = draw(formats_drawn, label="quant") if quantized else None
     unit = shard_unit(fmt)
     # Drawn rank counts keep the intermediate size within 256 (a given one
@@ -335,7 +379,7 @@ def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | No
         quantized = draw(st.booleans(), label="quantized")
     if quantized and formats is None:
         formats = [f for f in QUANT_FORMATS if not f.global_scale]
-    fmt = draw(st.sampled_from(formats), label="quant") if quantized else None
+    fmt = draw(st.sampled_from(kernel_formats(formats)), label="quant") if quantized else None
     unit = (fmt.group_size if fmt else 1) * n
     inters = tuple(s for s in (32, 64, 128) if s % unit == 0 and not cuts_contraction(fmt, s)
                    ) or (max(unit, 128),)
@@ -345,9 +389,10 @@ def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | No
     if with_scale:
         # Drawn as plain nvfp4 (whose dtypes every backend runs), then given
         # the global scale: the case must exist even where its kernel cannot run.
+        dtypes = ([KERNEL_SET[NVFP4_GLOBAL_SCALE]] if compiles_kernels()
+                  else list(DTYPE_NAMES))
         moe = _replace(moe, quant=NVFP4_GLOBAL_SCALE,
-                      dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"]),
-                                 label="dtype"))
+                      dtype=draw(st.sampled_from(dtypes), label="dtype"))
     return FusionCase(moe, n)
 
 
@@ -361,8 +406,10 @@ def global_scale_shard_cases(ranks: int | None = None) -> st.SearchStrategy[Shar
     drawn as plain nvfp4 (whose dtypes every backend runs), then given the
     global scale.  Properties that run its kernels skip where the backend
     has none; structural ones run everywhere."""
+    pinned = KERNEL_SET[NVFP4_GLOBAL_SCALE] if compiles_kernels() else None
     return shard_cases(ranks=ranks, quantized=True, formats=[NVFP4]).map(
-        lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE)))
+        lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE,
+                                           dtype=pinned or c.moe.dtype)))
 
 
 # --- DeepSeek-V4 scope ---
@@ -544,6 +591,9 @@ def bfloat16_cases(**kwargs) -> st.SearchStrategy[MoECase]:
     """MoE cases run in bfloat16, where a bug of that dtype alone lives:
     quantized (MLX's CPU build runs no dense bfloat16), drawn as any case
     of ``moe_cases`` and then given bfloat16 activations."""
+    if compiles_kernels() and "formats" not in kwargs:
+        kwargs["formats"] = [f for f, d in KERNEL_SET.items()
+                             if d == "bfloat16" and not f.global_scale]
     return moe_cases(quantized=True, **kwargs).filter(
         lambda c: unsupported(c.quant, "bfloat16") is None).map(
         lambda c: _replace(c, dtype="bfloat16"))
