@@ -42,6 +42,11 @@ def path() -> str | None:
     return os.environ.get(ENV) or None
 
 
+def active() -> bool:
+    """Whether an example is being timed now (a call made here is its own)."""
+    return bool(_STACK)
+
+
 @contextmanager
 def example(test: str, case):
     """Time one example of ``test`` (the drawn ``case``) and the operations
