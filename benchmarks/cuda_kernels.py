@@ -11,9 +11,11 @@ mode and path; other kernels of the suite (qmv, dequantize, quantize, the
 fp8 codecs, cuBLAS matmuls) come compiled in the wheel.  This reads each
 logged call's shapes and arguments and names the module MLX 0.32 would
 compile for it, following its dispatch (``mlx/backend/cuda/quantized``,
-``gemms/gather_gemm.cu``) on a compute capability 9 device.  ``--cache``
-lists the modules a real cache holds (their file names are the module
-names), to check the prediction.
+``gemms/gather_gemm.cu``) on a compute capability 9 device, and the names
+a 0.32.4 cache was seen to hold.  ``--cache`` takes a real cache (or a
+listing of its files: their names are the module names) to check the
+prediction against; the log must come from the same draws (the same
+backend's records) for the two to agree.
 """
 
 from __future__ import annotations
@@ -82,12 +84,18 @@ def quantized_module(op: str, arrays: dict, values: dict) -> str | None:
             return None
         return f"qmm_sm90_tn_{dtype}_n{_tile(n, 256)}_b{bits}_g{group}_affine"
     aligned = k % max(64, group) == 0
+    half = dtype in ("float16", "bfloat16")
+    if (op == "gather_qmm" and values.get("sorted_indices") == "True" and half
+            and mode != "affine" and bits in (4, 8)):
+        # Seen in 0.32.4's cache, not in the source read: the sorted float
+        # formats in half precision take a kernel of their own.
+        return f"gather_qmm_rhs_sm80_tn_{dtype}_m{_tile(batch, 64)}_b{bits}_g{group}_{mode}"
     if n % 128 == 0 and aligned and dtype in ("float16", "bfloat16") and bits in (4, 8):
         return None if qmv and m * batch < 8 else \
             f"qmm_sm80_tn_{dtype}_m{_tile(m, 64)}_b{bits}_g{group}_{mode}"
     if aligned:
         return None if qmv and m * batch < 8 else \
-            f"qmm_naive_tt_aligned_{dtype}_m{_tile(m, 64)}_b{bits}_g{group}_{mode}"
+            f"qmm_naive_tn_aligned_{dtype}_m{_tile(m, 64)}_b{bits}_g{group}_{mode}"
     return None
 
 
@@ -111,8 +119,13 @@ def module(call: str, cpu_calls: bool = False) -> str | None:
     return None
 
 
-def cached_modules(directory: str) -> set[str]:
-    return {name[:-4] for name in os.listdir(directory) if name.endswith(".ptx")}
+MATMUL_FAMILIES = ("qmm_", "gather_qmm_", "gemm_")
+
+
+def cached_modules(where: str) -> set[str]:
+    """The modules of a cache directory, or of a file listing its names."""
+    names = os.listdir(where) if os.path.isdir(where) else open(where).read().split()
+    return {name[:-4] for name in names if name.endswith(".ptx")}
 
 
 def main(argv=None) -> None:
@@ -140,8 +153,11 @@ def main(argv=None) -> None:
         for test, names in sorted(per_test.items(), key=lambda kv: -len(kv[1])):
             print(f"  {len(names):4d}  {test}")
     if args.cache:
-        real = cached_modules(args.cache)
-        print(f"{len(real)} in {args.cache}; predicted and there: {len(real & modules)}; "
+        every = cached_modules(args.cache)
+        # Only the matmul families are predicted (the others, gathers and
+        # mx.compile's fused graphs, compile in about a second).
+        real = {name for name in every if name.startswith(MATMUL_FAMILIES)}
+        print(f"{len(every)} in {args.cache}, {len(real)} matmuls; predicted and there: {len(real & modules)}; "
               f"there only: {len(real - modules)}; predicted only: {len(modules - real)}")
         for name in sorted(real - modules)[:20]:
             print(f"  there only: {name}")
