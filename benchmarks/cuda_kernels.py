@@ -124,8 +124,11 @@ MATMUL_FAMILIES = ("qmm_", "gather_qmm_", "gemm_")
 
 def cached_modules(where: str) -> set[str]:
     """The modules of a cache directory, or of a file listing its names."""
-    names = os.listdir(where) if os.path.isdir(where) else open(where).read().split()
-    return {name[:-4] for name in names if name.endswith(".ptx")}
+    if os.path.isdir(where):
+        return {name[:-4] for name in os.listdir(where) if name.endswith(".ptx")}
+    with open(where) as f:
+        return {line.strip().removesuffix(".ptx") for line in f
+                if line.strip() and not line.startswith("#")}
 
 
 def main(argv=None) -> None:
