@@ -29,6 +29,7 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsv4shard import kernel_cache  # noqa: E402
 from dsv4shard.testing.example_log import read  # noqa: E402
 
 _ARRAY = re.compile(r"(\w+) ([\dx()]+) (\w+)")
@@ -125,7 +126,7 @@ MATMUL_FAMILIES = ("qmm_", "gather_qmm_", "gemm_")
 def cached_modules(where: str) -> set[str]:
     """The modules of a cache directory, or of a file listing its names."""
     if os.path.isdir(where):
-        return {name[:-4] for name in os.listdir(where) if name.endswith(".ptx")}
+        return set(kernel_cache.entries(where))
     with open(where) as f:
         return {line.strip().removesuffix(".ptx") for line in f
                 if line.strip() and not line.startswith("#")}

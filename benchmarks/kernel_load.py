@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     print(f"MLX {mx.__version__}, device {mx.default_device()}; MLX's kernel cache {mlx_cache}, "
           f"the driver's {driver}")
     for p in range(args.processes):
-        before = (len(kernel_cache._entries(mlx_cache)), size_of(driver))
+        before = (len(kernel_cache.entries(mlx_cache)), size_of(driver))
         start = time.perf_counter()
         # MLX's own cache directory, as a process outside the suite uses it
         # (importing dsv4shard gave this one a private copy).
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
             print(f"process {p + 1}: failed: {proc.stderr.strip().splitlines()[-1:]}")
             return 1
         calls = json.loads(proc.stdout.strip().splitlines()[-1])
-        after = (len(kernel_cache._entries(mlx_cache)), size_of(driver))
+        after = (len(kernel_cache.entries(mlx_cache)), size_of(driver))
         print(f"\nprocess {p + 1}: {wall:.1f} s; MLX's cache {before[0]} -> {after[0]} kernels, "
               f"the driver's {before[1] / 2**20:.0f} -> {after[1] / 2**20:.0f} MiB; first calls "
               f"{sum(c['first'] for c in calls):.2f} s, repeats "

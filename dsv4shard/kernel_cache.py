@@ -53,7 +53,7 @@ def shared_directory(version: str) -> str:
             or os.path.join(tempfile.gettempdir(), "mlx", version, "ptx"))
 
 
-def _entries(directory: str) -> list[str]:
+def entries(directory: str) -> list[str]:
     """Names of complete entries: a binary whose kernel names are there too."""
     try:
         files = set(os.listdir(directory))
@@ -72,8 +72,8 @@ def _link_or_copy(source: str, target: str) -> None:
 def seed(shared: str, private: str) -> int:
     """Link ``shared``'s complete entries that ``private`` lacks into it; how
     many (an entry ``private`` has already is never touched)."""
-    have = set(_entries(private))
-    names = [n for n in _entries(shared) if n not in have]
+    have = set(entries(private))
+    names = [n for n in entries(shared) if n not in have]
     for name in names:
         for ext in (".txt", ".ptx"):
             try:
@@ -98,8 +98,8 @@ def publish(private: str, shared: str) -> int:
     """Move the entries compiled in ``private`` into ``shared`` (names before
     binary, each by rename); entries ``shared`` has already are left be."""
     done = 0
-    have = set(_entries(shared))
-    for name in _entries(private):
+    have = set(entries(shared))
+    for name in entries(private):
         binary = os.path.join(private, name + ".ptx")
         if name in have or os.path.getsize(binary) == 0:
             continue

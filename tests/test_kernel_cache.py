@@ -65,7 +65,7 @@ def test_a_process_works_privately_and_hands_back_on_exit(tmp_path):
     assert done.returncode == 0, done.stderr
     private = done.stdout.strip().splitlines()[-1]
     assert not os.path.exists(private)
-    assert kernel_cache._entries(shared) == ["compiled", "warm"]
+    assert kernel_cache.entries(shared) == ["compiled", "warm"]
 
 
 def test_private_directories_of_dead_processes_are_removed(tmp_path, monkeypatch):
@@ -144,8 +144,8 @@ def test_sync_hands_over_and_takes_without_touching_what_it_has(tmp_path, monkey
         f.write(b"replaced")
     os.replace(tmp_path / "replacement", os.path.join(shared, "theirs_early.ptx"))
     assert kernel_cache.sync() == (1, 1)
-    assert kernel_cache._entries(shared) == ["mine", "theirs_early", "theirs_later"]
-    assert kernel_cache._entries(private) == ["mine", "theirs_early", "theirs_later"]
+    assert kernel_cache.entries(shared) == ["mine", "theirs_early", "theirs_later"]
+    assert kernel_cache.entries(private) == ["mine", "theirs_early", "theirs_later"]
     with open(os.path.join(private, "theirs_later.ptx"), "rb") as f:
         assert f.read() == b"compiled there"
     with open(os.path.join(private, "theirs_early.ptx"), "rb") as f:
@@ -169,9 +169,9 @@ def test_what_a_killed_process_compiled_is_handed_over_by_the_next(tmp_path, mon
     shared = str(tmp_path / "shared")
     private = kernel_cache.make_private(shared)
     try:
-        assert kernel_cache._entries(shared) == ["compiled_before_the_kill"]
+        assert kernel_cache.entries(shared) == ["compiled_before_the_kill"]
         assert not os.path.exists(os.path.join(shared, "being_written.ptx"))
-        assert kernel_cache._entries(private) == ["compiled_before_the_kill"]
+        assert kernel_cache.entries(private) == ["compiled_before_the_kill"]
         assert not (root / f"{dead}-abc").exists()
     finally:
         kernel_cache.finish()

@@ -11,8 +11,6 @@ from dsv4shard import backend
 from dsv4shard.testing import strategies as s
 from reference.quantization import AFFINE_BITS, AFFINE_GROUPS, QUANT_FORMATS
 
-FLOAT_MODES = ("mxfp4", "mxfp8", "nvfp4")
-
 # Every strategy that hands the block a quantized case, by what it is.
 CASE_STRATEGIES = {
     "moe_cases": lambda: s.moe_cases(quantized=True),
@@ -70,7 +68,7 @@ def test_the_kernel_set_covers_every_dtype_mode_bits_and_group():
     assert any(f.global_scale for f in formats)
     for dtype in s.DTYPE_NAMES:
         modes = {f.mode for f, d in s.KERNEL_SET.items() if d == dtype}
-        assert "affine" in modes and modes & set(FLOAT_MODES), dtype
+        assert "affine" in modes and modes & set(backend.FLOAT_FORMATS), dtype
     # DeepSeek-V4's checkpoint formats, and those the variants run in
     # bfloat16, are all in it.
     assert set(s.V4_FORMATS) <= set(formats)

@@ -76,6 +76,13 @@ def kernel_formats(formats) -> list[QuantFormat]:
     return [f for f in formats if f in KERNEL_SET] or formats
 
 
+def kernel_dtype(quant: QuantFormat | None) -> str | None:
+    """The one activation dtype :data:`KERNEL_SET` draws ``quant`` in on a
+    backend that compiles its kernels; None elsewhere, or for a format
+    outside the set."""
+    return KERNEL_SET.get(quant) if compiles_kernels() else None
+
+
 def quant_formats(global_scale: bool = True) -> st.SearchStrategy[QuantFormat]:
     """Formats the running backend computes in at least one dtype (a global
     scale only where ``global_scale``); ``backend.unsupported`` says why the
@@ -175,7 +182,7 @@ def dtypes_for(quant: QuantFormat | None) -> st.SearchStrategy[str]:
     compute (``dsv4shard.backend.unsupported`` says why; the tests of that
     module show each such defect)."""
     supported = [d for d in DTYPE_NAMES if unsupported(quant, d) is None]
-    pinned = KERNEL_SET.get(quant) if compiles_kernels() else None
+    pinned = kernel_dtype(quant)
     if pinned and (pinned in supported or not supported):
         supported = [pinned]  # the kernel set's dtype (a defect's, if none runs)
     # A test that asks for an unsupported format on purpose (to show the
@@ -389,8 +396,8 @@ def fusion_cases(draw, *, quantized: bool | None = None, global_scale: bool | No
     if with_scale:
         # Drawn as plain nvfp4 (whose dtypes every backend runs), then given
         # the global scale: the case must exist even where its kernel cannot run.
-        dtypes = ([KERNEL_SET[NVFP4_GLOBAL_SCALE]] if compiles_kernels()
-                  else list(DTYPE_NAMES))
+        pinned = kernel_dtype(NVFP4_GLOBAL_SCALE)
+        dtypes = [pinned] if pinned else list(DTYPE_NAMES)
         moe = _replace(moe, quant=NVFP4_GLOBAL_SCALE,
                       dtype=draw(st.sampled_from(dtypes), label="dtype"))
     return FusionCase(moe, n)
@@ -406,7 +413,7 @@ def global_scale_shard_cases(ranks: int | None = None) -> st.SearchStrategy[Shar
     drawn as plain nvfp4 (whose dtypes every backend runs), then given the
     global scale.  Properties that run its kernels skip where the backend
     has none; structural ones run everywhere."""
-    pinned = KERNEL_SET[NVFP4_GLOBAL_SCALE] if compiles_kernels() else None
+    pinned = kernel_dtype(NVFP4_GLOBAL_SCALE)
     return shard_cases(ranks=ranks, quantized=True, formats=[NVFP4]).map(
         lambda c: _replace(c, moe=_replace(c.moe, quant=NVFP4_GLOBAL_SCALE,
                                            dtype=pinned or c.moe.dtype)))
