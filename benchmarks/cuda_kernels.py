@@ -142,7 +142,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     per_test: dict[str, set] = defaultdict(set)
     calls = Counter()
-    for entry in read(args.logs):
+    try:
+        entries = read(args.logs)
+        every = cached_modules(args.cache) if args.cache else set()
+    except (OSError, ValueError) as error:  # a missing file, a line that is not JSON
+        parser.error(f"cannot read {getattr(error, 'filename', None) or 'the log'}: {error}")
+    for entry in entries:
         for o in entry["ops"]:
             name = module(o["call"], args.all)
             if name:
@@ -157,7 +162,6 @@ def main(argv=None) -> None:
         for test, names in sorted(per_test.items(), key=lambda kv: -len(kv[1])):
             print(f"  {len(names):4d}  {test}")
     if args.cache:
-        every = cached_modules(args.cache)
         # Only the matmul families are predicted (the others, gathers and
         # mx.compile's fused graphs, compile in about a second).
         real = {name for name in every if name.startswith(MATMUL_FAMILIES)}
