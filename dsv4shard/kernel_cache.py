@@ -141,6 +141,12 @@ def _remove_stale(root: str, shared: str | None = None) -> None:
             pass
 
 
+def hand_over_orphans(shared: str) -> None:
+    """Publish to ``shared`` what dead processes compiled into their private
+    directories (a child killed at a time limit), and remove those."""
+    _remove_stale(os.path.join(tempfile.gettempdir(), _PRIVATE_ROOT), shared)
+
+
 def make_private(shared: str) -> str:
     """A fresh private directory seeded from ``shared``; the environment
     points MLX (and every child process) at it from now on."""

@@ -64,6 +64,10 @@ def pytest_addoption(parser):
                     help="wall-clock limit of one example of a property run in this process, "
                          "and of one job on the real ranks (default %(default)s: 60 on the "
                          "CPU, 180 on a GPU, whose first example of a format compiles kernels)")
+    group.addoption("--no-kernel-warmup", action="store_true",
+                    help="on MLX's CUDA build, do not compile the suite's quantized matmul "
+                         "kernels in parallel before an xdist run's workers start (they are "
+                         "then compiled where a test first meets them)")
 
 
 # --- one usage error at start-up -------------------------------------------------------
@@ -203,6 +207,36 @@ def pytest_configure(config):
                  f"imported from" for problem in rank_import_problems(specs)]
     if found:
         raise pytest.UsageError("dsv4shard: " + "\n  ".join(found))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist starts its workers (its hook is trylast)
+def pytest_sessionstart(session):
+    """On a backend that compiles kernels, an xdist run's controller compiles
+    the quantized matmul kernels the suite meets that MLX's cache lacks, many
+    at once (``dsv4shard.kernel_warmup``): a fresh machine's first run would
+    otherwise compile them one after another inside single tests."""
+    config = session.config
+    if (hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None)
+            or config.getoption("--no-kernel-warmup") or config.option.collectonly):
+        return
+    from dsv4shard.backend import compiles_kernels
+
+    if not compiles_kernels():
+        return
+    import mlx.core as mx
+
+    from dsv4shard import kernel_cache, kernel_warmup
+
+    cache = kernel_cache.shared_directory(mx.__version__)
+    todo = kernel_warmup.missing(kernel_warmup.SUITE_KERNELS, cache)
+    if not todo:
+        return
+    say = config.pluginmanager.get_plugin("terminalreporter")
+    write = say.write_line if say else print
+    write(f"dsv4shard: compiling {len(todo)} of MLX's CUDA matmul kernels that its cache "
+          f"({cache}) lacks, {os.cpu_count()} at a time (once a machine; "
+          f"--no-kernel-warmup to skip)")
+    write(kernel_warmup.warm(todo, cache).line())
 
 
 # --- fixtures --------------------------------------------------------------------------
