@@ -80,10 +80,19 @@ def test_what_the_cache_holds_is_not_compiled_again(tmp_path):
     assert kw.warm([have], str(tmp_path)) == kw.Warmed((), (), 0.0)
 
 
+# Names of the listed form whose row tile (4, 2) MLX never produces: their
+# calls have fewer than 8 rows, so every backend runs them with a kernel it
+# already holds (the CPU build's, CUDA's precompiled matrix-vector one) and
+# no module of either name appears: both are "missed", on any backend,
+# without the half a minute a real compile would cost on a GPU.
+NEVER_PRODUCED = ("qmm_naive_tn_aligned_float32_m4_b4_g64_affine",
+                  "qmm_sm80_tn_bfloat16_m2_b8_g32_affine")
+
+
 def test_a_call_that_compiles_nothing_is_named_in_one_line(tmp_path, monkeypatch):
-    # On the CPU build a call compiles no module: each listed one is "missed".
     monkeypatch.setenv("DSV4SHARD_KERNEL_CACHE", str(tmp_path))
-    names = list(kw.SUITE_KERNELS[:2])
+    names = list(NEVER_PRODUCED)
+    assert all(kw.call_for(n).rows < 8 for n in names)
     done = kw.warm(names, str(tmp_path), jobs=2, timeout=120)
     assert done.compiled == () and [n for n, _ in done.missed] == names
     line = done.line()
