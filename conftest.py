@@ -55,6 +55,19 @@ STARTED_FIRST = (
 )
 
 
+def pytest_addoption(parser, pluginmanager):
+    # The suite's own plugin (its options, the rank pools, the kernel
+    # warm-up) is declared by the installed project's entry point; a source
+    # tree on PYTHONPATH, or PYTEST_DISABLE_PLUGIN_AUTOLOAD, loads no entry
+    # point, and every test needing the plugin would then error.  Register it
+    # here in that case: its options and configure hooks are replayed for it.
+    # (`-p no:dsv4shard` blocks the name, and register() then declines.)
+    if not pluginmanager.has_plugin("dsv4shard"):
+        from dsv4shard import pytest_plugin
+
+        pluginmanager.register(pytest_plugin, "dsv4shard")
+
+
 def _chosen_dist(args) -> bool:
     return any(str(a).startswith("--dist") for a in args)
 

@@ -431,13 +431,18 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_report_header(config):
-    lines = []
+    import mlx.core as mx
+
+    from dsv4shard.backend import name
+
+    # Which backend's kernels every verdict below is about.
+    lines = [f"dsv4shard: MLX {mx.__version__}, backend {name()} ({mx.default_device()})"]
     for option, default in (("--fuse-impl", DEFAULT_FUSE_IMPL),
                             ("--shard-impl", DEFAULT_SHARD_IMPL)):
         spec = config.getoption(option, default)
         if spec != default:
             lines.append(f"{option.lstrip('-')} under test: {spec}")
-    return lines or None
+    return lines
 
 
 @pytest.hookimpl(tryfirst=True)  # before -k/-m deselect, so that they apply to these items
