@@ -209,6 +209,19 @@ def pytest_configure(config):
         raise pytest.UsageError("dsv4shard: " + "\n  ".join(found))
 
 
+def session_args() -> list[str]:
+    """Arguments that give a new pytest session (pytester, a child pytest)
+    this plugin: none where the installed project's entry point loads it;
+    ``-p dsv4shard.pytest_plugin`` where no entry point declares it (a
+    source tree on PYTHONPATH, whose root conftest registers it for its own
+    sessions only)."""
+    from importlib.metadata import entry_points
+
+    declared = any(e.name == "dsv4shard" for e in entry_points(group="pytest11"))
+    autoload = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD")
+    return [] if declared and autoload else ["-p", "dsv4shard.pytest_plugin"]
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist starts its workers (its hook is trylast)
 def pytest_sessionstart(session):
     """On a backend that compiles kernels, an xdist run's controller compiles

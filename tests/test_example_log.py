@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from dsv4shard.engine.records import Property
 from dsv4shard.engine.run import run
+from dsv4shard.pytest_plugin import session_args
 from dsv4shard.testing import example_log
 
 pytest_plugins = ["pytester"]
@@ -38,7 +39,8 @@ def test_a_pytest_session_logs_every_example_with_its_operations(pytester, tmp_p
         def test_plain():
             pass
     ''')
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist",
+                                          *session_args())
     assert result.ret == 0, result.stdout.str()
     entries = example_log.read([log])
     assert len(entries) == 3 and {e["test"] for e in entries} == {

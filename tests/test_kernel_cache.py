@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from dsv4shard import kernel_cache
+from dsv4shard.pytest_plugin import session_args
 
 
 def entry(directory, name, binary=b"\x7fELF kernel", names="k\t_Z1kv\n"):
@@ -191,7 +192,7 @@ def test_a_pytest_worker_shares_its_kernels_after_each_test(tmp_path):
         "def test_sees_it_shared():\n"
         f"    assert os.path.exists({str(shared / 'k.ptx')!r})\n")
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", str(test)], cwd=tmp_path,
+                           "-p", "no:xdist", *session_args(), str(test)], cwd=tmp_path,
                           env={**os.environ, kernel_cache.SHARED_ENV: str(shared)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from dsv4shard.engine import outcome as o
 from dsv4shard.engine.records import by_name
 from dsv4shard.engine.run import run
-from dsv4shard.pytest_plugin import judge_property, rank_import_problems
+from dsv4shard.pytest_plugin import judge_property, rank_import_problems, session_args
 from dsv4shard.rank_memory import RankMemoryError, available_bytes, check, rank_bytes
 from dsv4shard.ranks import hostfile as hf
 from dsv4shard.ranks.pool import RankPool
@@ -111,7 +111,8 @@ def test_declined_cases_are_skips_listed_in_the_session_summary(pytester):
         def test_all(judge):
             judge(prop, st.integers(0, 50), impl=declines_all)
     ''')
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rs")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-p", "no:xdist", "-rs",
+                                          *session_args())
     out = result.stdout.str()
     assert result.ret == 0, out
     # Only the outcomes: the in-process session may add warnings of its own
@@ -270,7 +271,8 @@ def test_the_rank_memory_estimate_covers_a_measured_rank(rank_pool):
 def test_bad_option_values_are_one_usage_error_at_start_up(pytester):
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
     result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "-p", "no:xdist", "--fuse-impl", "no_such_module:install",
+        "-p", "no:cacheprovider", "-p", "no:xdist", *session_args(),
+        "--fuse-impl", "no_such_module:install",
         "--shard-impl", "dsv4shard.shard:shard_block", "--ranks", "1",
         "--hostfile", "/nonexistent/hosts.json", "--variant", "no/such/port.py",
         "--example-timeout", "0")
